@@ -1,0 +1,46 @@
+"""The users' helpers: save, load and test the nimarb CNN, and what the notebook needs.
+
+Thin, documented wrappers over the ``influence_over_inference`` package so a notebook reads like
+the PyTorch CIFAR-10 tutorial it grew from.
+"""
+
+from __future__ import annotations
+
+from influence_over_inference.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from influence_over_inference.data import CLASSES, load_cifar10
+from influence_over_inference.model import Net, count_parameters
+from influence_over_inference.training import TrainConfig, evaluate, train, train_or_load
+
+__all__ = [
+    "CLASSES", "CheckpointError", "Net", "TrainConfig", "count_parameters", "load_cifar10",
+    "load_model", "save_model", "test_model", "train", "train_or_load",
+]
+
+
+def save_model(model: Net, path="data/cifar_net.pt", metadata: dict | None = None, overwrite: bool = False):
+    """Save ``model`` to ``path`` atomically. An existing file is kept unless ``overwrite=True``."""
+    return save_checkpoint(model, path, metadata, overwrite=overwrite)
+
+
+def load_model(path="data/cifar_net.pt", device="cpu") -> Net:
+    """Load a model saved by :func:`save_model` (or a plain state_dict of ``Net``), in eval mode.
+
+    Uses ``torch.load(..., weights_only=True)``. A missing, truncated or foreign file, or weights
+    of another architecture, raise :class:`CheckpointError` naming the file.
+    """
+    model, _ = load_checkpoint(path, device=device)
+    return model
+
+
+def test_model(model: Net, test_set, device="auto", verbose: bool = True) -> dict:
+    """Overall and per-class test accuracy, printed as the PyTorch CIFAR-10 tutorial prints them.
+
+    ``test_set`` is a split from :func:`load_cifar10` (``data.test``). Returns a dict with
+    ``accuracy`` (0-1), ``per_class`` (class -> 0-1), ``loss`` and ``predictions``.
+    """
+    result = evaluate(model, test_set, device=device)
+    if verbose:
+        print(f"Accuracy of the network on the {result['n']} test images: {100 * result['accuracy']:.1f} %")
+        for name, acc in result["per_class"].items():
+            print(f"Accuracy for class: {name:10s} is {100 * acc:.1f} %")
+    return result

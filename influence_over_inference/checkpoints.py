@@ -1,0 +1,114 @@
+"""Saving and loading model checkpoints safely.
+
+A checkpoint is a plain dict readable with ``torch.load(..., weights_only=True)``: the model's
+``state_dict``, the architecture ``config``, and metadata (training settings, data source, test
+accuracy). Saving writes a temporary file and renames it, so an interrupted save never leaves a
+corrupt checkpoint, and refuses to replace an existing file unless ``overwrite=True``.
+A plain ``state_dict`` of the nimarb CNN (as the PyTorch tutorial saves it) loads too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import atomic_torch_save
+from .model import Net, build_model
+
+FORMAT = "influence-over-inference/checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved or loaded; the message names the file and the problem."""
+
+
+def save_checkpoint(model: Net, path: str | os.PathLike, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` and ``metadata`` to ``path`` atomically; never replace a file unless asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(
+            f"{path} already exists; pass overwrite=True (command line: --overwrite) to replace it, "
+            "or choose another path"
+        )
+    blob = {
+        "format": FORMAT,
+        "version": VERSION,
+        "architecture": type(model).__name__,
+        "config": getattr(model, "config", {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "metadata": metadata or {},
+    }
+    atomic_torch_save(blob, path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Net, dict]:
+    """Load a checkpoint written by :func:`save_checkpoint` (or a plain nimarb ``state_dict``).
+
+    Returns ``(model in eval mode, metadata)``. Raises :class:`CheckpointError` naming the file
+    for a missing, truncated or foreign file, and for weights of another architecture.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; train one with `python -m influence_over_inference train`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or another kind of file): "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        ) from error
+    if isinstance(blob, dict) and blob.get("format") == FORMAT:
+        if blob.get("architecture") != "Net":
+            raise CheckpointError(f"{path} holds a {blob.get('architecture')!r} model; this project loads 'Net'")
+        state, config, metadata = blob["state_dict"], blob.get("config", {}), blob.get("metadata", {})
+    elif isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        state, config, metadata = blob, _infer_config(blob), {"note": "plain state_dict"}
+    else:
+        raise CheckpointError(f"{path} is a PyTorch file but not a model checkpoint (found {type(blob).__name__})")
+    model = build_model(config)
+    _check_state(model, state, path)
+    model.load_state_dict(state)
+    return model.to(device).eval(), metadata
+
+
+def _infer_config(state: dict) -> dict:
+    try:
+        return {
+            "n_classes": state["fc3.weight"].shape[0],
+            "channels": [state["conv1.weight"].shape[0], state["conv2.weight"].shape[0]],
+            "hidden": [state["fc1.weight"].shape[0], state["fc2.weight"].shape[0]],
+        }
+    except (KeyError, IndexError, AttributeError):
+        return {}
+
+
+def _check_state(model: nn.Module, state: dict, path: Path) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k}: expected {expected[k]}, found {found[k]}" for k in expected if k in found and expected[k] != found[k]]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected}")
+        if wrong:
+            parts.append("shape mismatch " + "; ".join(wrong))
+        raise CheckpointError(f"{path} does not hold the nimarb CNN (Net): " + ", ".join(parts))
+
+
+def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
+    """Hash of a file's bytes (first ``length`` hex digits): names caches derived from a checkpoint."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]

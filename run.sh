@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python 3.10+):
+#   bash run.sh        set everything up, train the CNN, run the notebook and build the slides
+#   bash run.sh test   set everything up and run the tests
+# CIFAR-10 comes from torchvision's download; offline, set CIFAR10_DIR to an image folder
+# (train/<class>/*, test/<class>/*) or keep the copy in ../shared/data/cifar10.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+if [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -r requirements.txt
+  python -m ipykernel install --sys-prefix --name python3 >/dev/null
+  touch .venv/.installed
+fi
+case "${1:-main}" in
+  test)
+    shift || true
+    python -m ruff check .
+    python -m pytest -q "$@"
+    ;;
+  main)
+    python -m influence_over_inference train --json results/train.json
+    if [ -f influence_over_inference/notebook.py ]; then
+      python -m influence_over_inference notebook
+    fi
+    if [ -f influence_over_inference/slides.py ]; then
+      python -m influence_over_inference slides
+    fi
+    ;;
+  *)
+    echo "usage: bash run.sh [main|test]" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny CIFAR-like image folder built inside the test, float64 helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from influence_over_inference.data import CLASSES
+
+
+def make_image_folder(root, n_train_per_class=3, n_test_per_class=2, seed=0, suffix=".png"):
+    """Write train/<class>/*.png and test/<class>/*.png with random 32x32 RGB images; return the pixels."""
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for split, n in (("train", n_train_per_class), ("test", n_test_per_class)):
+        for cls in CLASSES:
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            # write in reverse order so directory order differs from the sorted order
+            for i in reversed(range(n)):
+                arr = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:04d}{suffix}")
+                pixels[(split, cls, i)] = arr
+    return pixels
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "cifar"
+    pixels = make_image_folder(root)
+    return root, pixels
+
+
+@pytest.fixture(autouse=True)
+def _no_env_source(monkeypatch):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    torch.manual_seed(0)
