@@ -103,7 +103,9 @@ def _registered():
 
 
 # Modules that add subcommands (influence, validation, slides, ...), each with register(subparsers).
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "notebook",
+]
 
 
 def main(argv=None) -> int:
