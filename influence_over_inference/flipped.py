@@ -1,0 +1,159 @@
+"""Finding flipped labels by self-influence (Koh & Liang, ICML 2017, Section 5.4).
+
+Flip a fixed fraction of the training labels to another class (a local ``torch.Generator``, never
+the global RNG; never the true class), train on the corrupted set, and rank the training images by
+self-influence ``(1/n) g_j^T (GGN + weight_decay I + lambda I)^{-1} g_j`` (the engine's fast
+solver), by training loss, and at random. Checking images in each ranking's order, how many of the
+flipped labels are found after checking 10% and 20% of the data, and the ROC-AUC of each score?
+kronfluence's CIFAR-10 example (ResNet-9) finds 97% at 20% checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .validation import (
+    CACHE_DIR,
+    found_at,
+    fraction_found,
+    roc_auc,
+    save_npz_atomic,
+    settings_key,
+    subset_split,
+    write_json_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+
+def flip_labels(labels: torch.Tensor, fraction: float, n_classes: int, generator: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip exactly ``round(fraction * n)`` labels, each to a different class drawn uniformly.
+
+    Returns ``(new labels, flipped)`` with ``flipped`` a boolean mask (N,). Which images flip and
+    to what come from ``generator`` only, so the same seed gives the same corruption.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    if n_classes < 2:
+        raise ValueError(f"flipping needs n_classes >= 2, got {n_classes}")
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}")
+    n = len(labels)
+    k = int(round(fraction * n))
+    chosen = torch.randperm(n, generator=generator)[:k]
+    offset = torch.randint(1, n_classes, (k,), generator=generator)  # 1..C-1: never the true class
+    new = labels.clone()
+    new[chosen] = (labels[chosen] + offset) % n_classes
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[chosen] = True
+    return new, flipped
+
+
+@dataclass
+class FlippedConfig:
+    fraction: float = 0.1  # fraction of training labels flipped
+    seed: int = 0  # seeds which labels flip, and to what (and the random ranking, with seed + 1)
+    n_per_class: int | None = None  # class-balanced subset (first n of each class); None: all 50,000
+    epochs: int = 12  # epochs of our TrainConfig recipe on the corrupted set (otherwise its defaults)
+    solver: str = "fast"  # the engine solver for self-influence
+    solver_settings: dict = field(default_factory=lambda: {"damping": 0.01, "rank": 500, "n_samples": 2000})
+
+    def __post_init__(self):
+        if not 0 < self.fraction < 1:
+            raise ValueError(f"fraction must be in (0, 1), got {self.fraction}")
+        if self.n_per_class is not None and self.n_per_class < 1:
+            raise ValueError(f"n_per_class must be >= 1 or None, got {self.n_per_class}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+
+
+@torch.no_grad()
+def per_sample_losses(model, split, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy (N,) of every image of ``split`` under its (possibly flipped) label, and the predicted classes (N,)."""
+    from .data import normalize_uint8
+
+    model = model.eval()
+    losses, preds = [], []
+    for start in range(0, len(split), batch_size):
+        out = model(normalize_uint8(split.images[start : start + batch_size]))
+        losses.append(torch.nn.functional.cross_entropy(out, split.labels[start : start + batch_size], reduction="none"))
+        preds.append(out.argmax(1))
+    return torch.cat(losses), torch.cat(preds)
+
+
+def detection_metrics(rankings: dict[str, np.ndarray], flipped: np.ndarray) -> dict:
+    """Per ranking: fraction found at 10% and 20% checked, ROC-AUC, and the curve."""
+    out = {}
+    for name, score in rankings.items():
+        checked, found = fraction_found(score, flipped)
+        out[name] = {"found_at_10": found_at(checked, found, 0.10), "found_at_20": found_at(checked, found, 0.20),
+                     "auc": roc_auc(score, flipped), "checked": checked, "found": found}
+    return out
+
+
+def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.PathLike = CACHE_DIR,
+                progress: bool = True) -> dict:
+    """Experiment 3: train on labels with ``fraction`` flipped, then rank by self-influence, loss and at random."""
+    from .checkpoints import file_sha256, load_checkpoint, save_checkpoint
+    from .data import CIFAR10Split
+    from .influence import InfluenceEngine
+    from .solvers import make_solver
+    from .training import TrainConfig, evaluate, train
+    from .validation import balanced_subset
+
+    config = config or FlippedConfig()
+    start = time.perf_counter()
+    split = data.train
+    if config.n_per_class is not None:
+        split = subset_split(split, balanced_subset(split.labels, config.n_per_class))
+    gen = torch.Generator().manual_seed(config.seed)
+    labels, flipped = flip_labels(split.labels, config.fraction, len(data.classes), gen)
+    corrupted = CIFAR10Split(split.images, labels, split.names)
+    train_config = TrainConfig(epochs=config.epochs, threads=torch.get_num_threads())
+    model_settings = {"data_source": data.source, "n_per_class": config.n_per_class, "fraction": config.fraction,
+                      "seed": config.seed, "epochs": config.epochs}
+    path = Path(cache_dir) / f"flipped-model-{settings_key(model_settings)}.pt"
+    if path.exists():
+        model, meta = load_checkpoint(path)
+    else:
+        result = train(corrupted, train_config, progress=progress)
+        model = result.model
+        meta = {**model_settings, "test_accuracy": evaluate(model, data.test)["accuracy"],
+                "train_minutes": (time.perf_counter() - start) / 60, "history": [asdict(h) for h in result.history]}
+        save_checkpoint(model, path, meta, overwrite=True)
+    train_minutes = (time.perf_counter() - start) / 60
+    t = time.perf_counter()
+    solver = make_solver(config.solver, **config.solver_settings)
+    engine = InfluenceEngine(model, corrupted, solver, weight_decay=train_config.weight_decay,
+                             cache_dir=Path(cache_dir) / "influence", checkpoint=path,
+                             data_source=f"{data.source} flipped {model_settings}", progress=progress)
+    self_inf = engine.self_influence().double().numpy()
+    self_minutes = (time.perf_counter() - t) / 60
+    loss, pred = per_sample_losses(model, corrupted)
+    loss = loss.double().numpy()
+    fits = (pred == labels).numpy()
+    rand = torch.rand(len(labels), generator=torch.Generator().manual_seed(config.seed + 1), dtype=torch.float64).numpy()
+    flipped_np = flipped.numpy()
+    metrics = detection_metrics({"self_influence": self_inf, "training_loss": loss, "random": rand}, flipped_np)
+    curves = {name: (m.pop("checked"), m.pop("found")) for name, m in metrics.items()}
+    result = {"settings": {**asdict(config), "n_train": len(labels), "data_source": data.source,
+                           "weight_decay": train_config.weight_decay, "checkpoint": file_sha256(path)},
+              "n_flipped": int(flipped.sum()), "test_accuracy": meta.get("test_accuracy"),
+              "train_accuracy": float(fits.mean()),  # on the labels trained on (flipped ones included)
+              "flipped_memorised": float(fits[flipped_np].mean()),  # flipped images predicted as their wrong label
+              "metrics": metrics, "minutes": (time.perf_counter() - start) / 60,
+              "timings": {"train_minutes": train_minutes, "self_influence_minutes": self_minutes}}
+    write_json_atomic(result, Path(cache_dir) / f"flipped-result-{settings_key(asdict(config))}.json")
+    save_npz_atomic(Path(cache_dir) / f"flipped-curves-{settings_key(asdict(config))}.npz",
+             **{f"{name}_{part}": arr for name, (c, f) in curves.items() for part, arr in (("checked", c), ("found", f))},
+             flipped=flipped_np, self_influence=self_inf, training_loss=loss)
+    result["curves"] = curves
+    return result
