@@ -64,7 +64,7 @@ class FlippedConfig:
     n_per_class: int | None = None  # class-balanced subset (first n of each class); None: all 50,000
     epochs: int = 12  # epochs of our TrainConfig recipe on the corrupted set (otherwise its defaults)
     solver: str = "fast"  # the engine solver for self-influence
-    solver_settings: dict = field(default_factory=lambda: {"damping": 0.01, "rank": 500, "n_samples": 2000})
+    solver_settings: dict = field(default_factory=lambda: {"damping": 0.01, "rank": 500, "n_samples": 500})
 
     def __post_init__(self):
         if not 0 < self.fraction < 1:
