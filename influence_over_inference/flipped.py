@@ -23,6 +23,7 @@ from .validation import (
     CACHE_DIR,
     found_at,
     fraction_found,
+    load_config_result,
     roc_auc,
     save_npz_atomic,
     settings_key,
@@ -110,6 +111,14 @@ def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.P
     from .validation import balanced_subset
 
     config = config or FlippedConfig()
+    key = settings_key(asdict(config))
+    result_path = Path(cache_dir) / f"flipped-result-{key}.json"
+    curves_path = Path(cache_dir) / f"flipped-curves-{key}.npz"
+    done = load_config_result(result_path, asdict(config), data.source)
+    if done is not None and curves_path.exists():
+        arrays = np.load(curves_path)
+        done["curves"] = {name: (arrays[f"{name}_checked"], arrays[f"{name}_found"]) for name in done["metrics"]}
+        return done
     start = time.perf_counter()
     split = data.train
     if config.n_per_class is not None:
@@ -151,8 +160,8 @@ def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.P
               "flipped_memorised": float(fits[flipped_np].mean()),  # flipped images predicted as their wrong label
               "metrics": metrics, "minutes": (time.perf_counter() - start) / 60,
               "timings": {"train_minutes": train_minutes, "self_influence_minutes": self_minutes}}
-    write_json_atomic(result, Path(cache_dir) / f"flipped-result-{settings_key(asdict(config))}.json")
-    save_npz_atomic(Path(cache_dir) / f"flipped-curves-{settings_key(asdict(config))}.npz",
+    write_json_atomic(result, result_path)
+    save_npz_atomic(curves_path,
              **{f"{name}_{part}": arr for name, (c, f) in curves.items() for part, arr in (("checked", c), ("found", f))},
              flipped=flipped_np, self_influence=self_inf, training_loss=loss)
     result["curves"] = curves

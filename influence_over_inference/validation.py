@@ -197,6 +197,37 @@ class ResultCache:
         write_json_atomic({"settings": self.settings, "entries": self.entries}, self.path)
 
 
+def load_result(path: Path, settings: dict) -> dict | None:
+    """A finished experiment's result file if it was made with ``settings`` (else None): reruns are instant,
+    and keep the minutes of the run that computed them."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    log.info("loaded finished result %s", path)
+    return result
+
+
+def load_config_result(path: Path, config: dict, data_source: str) -> dict | None:
+    """As :func:`load_result` for results whose ``settings`` hold the config's fields plus extras."""
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    wanted = json.loads(json.dumps(config))
+    found = result.get("settings", {})
+    if {k: found.get(k) for k in wanted} != wanted or found.get("data_source") != data_source:
+        return None
+    log.info("loaded finished result %s", path)
+    return result
+
+
 def settings_key(settings: dict, length: int = 10) -> str:
     """A short hash of a settings dict: names cache files after what made them."""
     import hashlib
@@ -402,6 +433,9 @@ def run_loo_convex(checkpoint: str | os.PathLike, data, config: ConvexLOOConfig 
     settings = {"experiment": "loo-convex", "checkpoint": file_sha256(checkpoint), "data_source": data.source,
                 "n_train": len(data.train), **asdict(config), "weight_decay": wd}
     cache = ResultCache(Path(cache_dir) / f"loo-convex-{settings['checkpoint']}-{settings_key(settings)}.json", settings)
+    done = load_result(cache.path.with_name(cache.path.stem + "-result.json"), settings)
+    if done is not None:
+        return done
     X = last_layer_inputs(model, data.train.images)
     y = data.train.labels
     idx = torch.tensor(config.test_indices)
@@ -615,6 +649,10 @@ def run_loo_network(data, config: NetworkLOOConfig | None = None, cache_dir: str
     from .training import TrainConfig
 
     config = config or NetworkLOOConfig()
+    result_path = Path(cache_dir) / f"loo-network-result-{settings_key(asdict(config))}.json"
+    done = load_config_result(result_path, asdict(config), data.source)
+    if done is not None:
+        return done
     start = time.perf_counter()
     train_config = TrainConfig(epochs=config.train_epochs, threads=torch.get_num_threads())
     model, ckpt, indices = train_subset_model(data, config.n_per_class, train_config, cache_dir, progress)
@@ -659,7 +697,7 @@ def run_loo_network(data, config: NetworkLOOConfig | None = None, cache_dir: str
     timings["minutes"] = (time.perf_counter() - start) / 60
     result["timings"] = timings
     result["minutes"] = timings["minutes"]
-    write_json_atomic(result, Path(cache_dir) / f"loo-network-result-{settings_key(asdict(config))}.json")
+    write_json_atomic(result, result_path)
     return result
 
 
@@ -703,6 +741,10 @@ def run_sign(data, config: SignConfig | None = None, cache_dir: str | os.PathLik
     from .training import TrainConfig
 
     config = config or SignConfig()
+    result_path = Path(cache_dir) / f"sign-result-{settings_key(asdict(config))}.json"
+    done = load_config_result(result_path, asdict(config), data.source)
+    if done is not None:
+        return done
     start = time.perf_counter()
     train_config = TrainConfig(epochs=config.train_epochs, threads=torch.get_num_threads())
     model, ckpt, indices = train_subset_model(data, config.n_per_class, train_config, cache_dir, progress)
@@ -761,7 +803,7 @@ def run_sign(data, config: SignConfig | None = None, cache_dir: str | os.PathLik
         "control_correct": int(sum(r["control_correct"] for r in per_image)),
         "solver_seconds": seconds, "minutes": (time.perf_counter() - start) / 60,
     }
-    write_json_atomic(result, Path(cache_dir) / f"sign-result-{settings_key(asdict(config))}.json")
+    write_json_atomic(result, result_path)
     return result
 
 
