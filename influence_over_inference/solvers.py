@@ -1,0 +1,606 @@
+"""Inverse Hessian-vector products ``(C + weight_decay I + damping I)^{-1} v`` behind one interface.
+
+``C`` is the curvature of the *mean* training loss (cross-entropy, no weight-decay term) at the
+trained parameters; the training weight decay adds ``weight_decay * I`` (Koh & Liang 2017 take
+the Hessian of the whole training objective) and ``damping`` is the explicit extra damping
+``lambda``. Two curvatures:
+
+- ``"hessian"``: the true Hessian; products by forward-over-reverse differentiation
+  (``torch.func.jvp`` of ``torch.func.grad``, Pearlmutter 1994). A trained CNN's Hessian has
+  negative eigenvalues, so ``C + lambda I`` may be indefinite.
+- ``"ggn"``: the generalised Gauss-Newton ``J^T (diag(p) - p p^T) J`` (Martens 2014;
+  Schraudolph 2002), positive semi-definite; for softmax cross-entropy it equals the Fisher
+  ``sum_c p_c g(c) g(c)^T`` of the per-class gradients. The safer default.
+
+The solvers follow alstonlo/torch-influence: one abstract method, :meth:`InverseHVP.inverse_hvp`,
+and paper names (``damp``, ``scale``, ``depth``, ``repeat`` = r):
+
+- :class:`ExactSolver`: the explicitly built matrix and a direct (LU) solve; small models, tests.
+- :class:`CGSolver`: conjugate gradient (Hestenes & Stiefel 1952; Martens 2010) on damped
+  curvature-vector products over the training set or a fixed subsample, batched over vectors.
+- :class:`LiSSASolver`: Agarwal et al. (2017) / Koh & Liang's recursion, done right (the estimate
+  fed back, divided by ``scale``, ``repeat`` runs averaged, divergence detected).
+- :class:`FastSolver`: fits the GGN once and then solves any number of vectors in closed form
+  (see its docstring for the design and how it was chosen).
+
+Settings are dataclasses with commented, validated defaults; :func:`make_solver` builds a
+solver from a name and keyword settings (the command line and the notebook use it).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from .gradients import (
+    _split_params,
+    as_tensors,
+    check_inputs,
+    class_gradients,
+    count_selected,
+    data_length,
+    flatten_params,
+    unflatten_params,
+)
+
+log = logging.getLogger(__name__)
+
+CURVATURES = ("ggn", "hessian")
+
+
+class LiSSADivergenceError(RuntimeError):
+    """LiSSA's recursion blew up (norm growth or NaN): ``scale`` is below the curvature's largest eigenvalue."""
+
+
+# ----------------------------------------------------------------------------- curvature products
+
+def curvature_products(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vectors: torch.Tensor,
+    curvature: str = "ggn",
+    layers: Sequence[str] | str | None = None,
+    chunk_size: int = 1000,
+) -> torch.Tensor:
+    """``C v`` for each row of ``vectors`` (K, P): C the curvature of the mean loss over ``(x, y)``.
+
+    No weight-decay or damping term. ``"hessian"``: forward-over-reverse HVPs; ``"ggn"``:
+    ``J^T H_out J v`` with H_out the softmax cross-entropy Hessian in the logits. Streams ``x``
+    in chunks; vectorised over the K vectors with vmap. Model in eval mode.
+    """
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        params, frozen, buffers = _split_params(model, layers)
+        total = torch.zeros_like(vectors)
+        n = len(x)
+        for start in range(0, n, chunk_size):
+            xb, yb = x[start : start + chunk_size], y[start : start + chunk_size]
+
+            def f_logits(p, xb=xb):
+                return functional_call(model, ({**frozen, **p}, buffers), (xb,))
+
+            if curvature == "hessian":
+
+                def f_loss(p, xb=xb, yb=yb):
+                    return nn.functional.cross_entropy(f_logits(p, xb), yb, reduction="sum")
+
+                def hvp_one(v, f_loss=f_loss):
+                    tangent = unflatten_params(v, params)
+                    return flatten_params(jvp(grad(f_loss), (params,), (tangent,))[1])
+
+                total += vmap(hvp_one)(vectors)
+            else:
+                logits, pullback = vjp(f_logits, params)
+                probs = torch.softmax(logits.detach(), dim=1)  # (B, C)
+
+                def ggn_one(v, f_logits=f_logits, probs=probs, pullback=pullback):
+                    jv = jvp(f_logits, (params,), (unflatten_params(v, params),))[1]  # (B, C)
+                    hjv = probs * jv - probs * (probs * jv).sum(1, keepdim=True)  # (diag(p) - p p^T) J v
+                    return flatten_params(pullback(hjv)[0])
+
+                total += vmap(ggn_one)(vectors)
+        return total / n
+    finally:
+        model.train(was_training)
+
+
+def curvature_matrix(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    curvature: str = "ggn",
+    layers: Sequence[str] | str | None = None,
+    block: int = 256,
+    chunk_size: int = 1000,
+) -> torch.Tensor:
+    """The explicit curvature matrix (P, P) of the mean loss over ``(x, y)`` (no weight decay).
+
+    Built column block by column block from :func:`curvature_products`; symmetrised. For small
+    models only (P up to a few thousand).
+    """
+    p = count_selected(model, layers)
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    eye = torch.eye(p, dtype=dtype, device=device)
+    cols = [curvature_products(model, x, y, eye[s : s + block], curvature, layers, chunk_size) for s in range(0, p, block)]
+    m = torch.cat(cols)
+    return (m + m.T) / 2
+
+
+# ----------------------------------------------------------------------------- settings
+
+def _check_common(s) -> None:
+    if s.curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {s.curvature!r}")
+    if not s.damping >= 0 or not math.isfinite(s.damping):
+        raise ValueError(f"damping must be a finite number >= 0, got {s.damping}")
+
+
+@dataclass
+class ExactSettings:
+    curvature: str = "ggn"  # "ggn" (PSD, default) or "hessian" (true Hessian, may be indefinite)
+    damping: float = 0.01  # lambda: extra damping added to C + weight_decay I
+    chunk_size: int = 1000  # training examples per curvature-product call
+
+    def __post_init__(self):
+        _check_common(self)
+
+
+@dataclass
+class CGSettings:
+    curvature: str = "ggn"  # "ggn" (PSD: CG is guaranteed to converge) or "hessian"
+    damping: float = 0.01  # lambda: extra damping added to C + weight_decay I
+    tol: float = 1e-6  # stop when ||residual|| <= tol * ||v|| for every vector
+    max_iter: int = 100  # iteration cap (a warning is logged if not converged)
+    n_samples: int | None = None  # curvature over a fixed seeded subsample of this many examples (None: all)
+    seed: int = 0  # seeds the subsample
+    chunk_size: int = 1000  # training examples per curvature-product call
+
+    def __post_init__(self):
+        _check_common(self)
+        if not self.tol > 0:
+            raise ValueError(f"tol must be > 0, got {self.tol}")
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if self.n_samples is not None and self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1 or None, got {self.n_samples}")
+
+
+@dataclass
+class LiSSASettings:
+    curvature: str = "ggn"  # "ggn" or "hessian" (Koh & Liang use the Hessian)
+    damping: float = 0.01  # lambda, as for every solver; the paper's damp = damping / scale
+    scale: float = 500.0  # must exceed the largest eigenvalue of a minibatch curvature (+ weight decay)
+    depth: int = 5000  # recursion steps per repetition
+    repeat: int = 1  # r: independent repetitions averaged
+    batch_size: int = 100  # training examples per recursion step (drawn with replacement-free sampling)
+    seed: int = 0  # seeds the minibatch sampling (torch.Generator)
+    blowup: float = 1e4  # divergence when ||h|| > blowup * ||v|| / damp, or not finite
+    check_every: int = 10  # test for divergence every this many steps
+
+    def __post_init__(self):
+        _check_common(self)
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if self.depth < 1 or self.repeat < 1 or self.batch_size < 1 or self.check_every < 1:
+            raise ValueError("depth, repeat, batch_size and check_every must be >= 1")
+        if not self.blowup > 1:
+            raise ValueError(f"blowup must be > 1, got {self.blowup}")
+
+    @property
+    def damp(self) -> float:
+        """Koh & Liang's ``damp``: the recursion's damping, ``damping / scale``."""
+        return self.damping / self.scale
+
+    @classmethod
+    def from_paper(cls, damp: float, scale: float, depth: int, repeat: int = 1, **rest) -> LiSSASettings:
+        """Settings from the paper's (and nimarb's) names: the effective damping is ``damp * scale``."""
+        return cls(damping=damp * scale, scale=scale, depth=depth, repeat=repeat, **rest)
+
+
+@dataclass
+class FastSettings:
+    damping: float = 0.01  # lambda: extra damping added to GGN + weight_decay I
+    rank: int = 500  # number of top GGN eigenpairs kept
+    n_samples: int = 2000  # training examples whose per-class gradients form the GGN factor
+    seed: int = 0  # seeds the subsample
+    chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
+    curvature: str = "ggn"  # the fast solver is built on the GGN's per-example factorisation
+
+    def __post_init__(self):
+        _check_common(self)
+        if self.curvature != "ggn":
+            raise ValueError("the fast solver uses the Gauss-Newton curvature; set curvature='ggn'")
+        if self.rank < 1 or self.n_samples < 1 or self.chunk_size < 1:
+            raise ValueError("rank, n_samples and chunk_size must be >= 1")
+
+
+# ----------------------------------------------------------------------------- the interface
+
+class InverseHVP(abc.ABC):
+    """Solves ``(C + weight_decay I + damping I) s = v`` for rows ``v`` of a (K, P) matrix.
+
+    Use: ``solver.fit(model, train_x, train_y, weight_decay)`` once, then
+    ``solver.inverse_hvp(vectors)`` as often as needed. Subclasses implement only
+    :meth:`inverse_hvp`; the rest (checks, curvature products, quadratic forms) is shared.
+    """
+
+    name = "base"
+    settings_class: type = ExactSettings
+
+    def __init__(self, settings=None, **overrides):
+        if settings is None:
+            settings = self.settings_class(**overrides)
+        elif overrides:
+            settings = self.settings_class(**{**asdict(settings), **overrides})
+        if not isinstance(settings, self.settings_class):
+            raise ValueError(f"{type(self).__name__} takes {self.settings_class.__name__}, got {type(settings).__name__}")
+        self.settings = settings
+        self.model = None
+
+    # -- fitting --------------------------------------------------------------------------
+    def fit(self, model: nn.Module, train_x, train_y: torch.Tensor | None = None, weight_decay: float = 0.0,
+            layers: Sequence[str] | str | None = None, state: dict | None = None) -> InverseHVP:
+        """Remember the model and training data (``train_x, train_y`` tensors, or a split as ``train_x``).
+
+        ``weight_decay`` is the training recipe's L2 coefficient (it adds ``weight_decay * I``).
+        Subclasses that precompute (the exact matrix, the fast solver's factor) do it here, unless
+        ``state`` (an earlier :meth:`state_dict`, e.g. from a cache) is given.
+        """
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        self.train_data = train_x if train_y is None else (train_x, train_y)
+        self.n_train = data_length(self.train_data)
+        if self.n_train == 0:
+            raise ValueError("the training set is empty")
+        if train_y is not None:
+            check_inputs(train_x, train_y, what="training data")
+        self.model = model.eval()
+        self.weight_decay = float(weight_decay)
+        self.layers = layers
+        self.n_params = count_selected(model, layers)
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        if state:
+            self._fit_light()
+            self.load_state_dict(state)
+        else:
+            self._fit()
+        return self
+
+    def _fit_light(self) -> None:  # noqa: B027
+        """What :meth:`load_state_dict` leaves to do (default: nothing)."""
+
+    def _fit(self) -> None:  # noqa: B027
+        """Precompute what :meth:`inverse_hvp` needs (default: nothing)."""
+
+    @property
+    def total_damping(self) -> float:
+        """weight_decay + damping: the multiple of I added to C."""
+        return self.weight_decay + self.settings.damping
+
+    def _train_tensors(self, indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = as_tensors(self.train_data, indices)
+        return x.to(self.device, self.dtype), y.to(self.device)
+
+    def _check_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}: call fit(model, train_x, train_y, weight_decay) first")
+        if vectors.ndim == 1:
+            vectors = vectors[None]
+        if vectors.ndim != 2 or vectors.shape[1] != self.n_params:
+            raise ValueError(f"vectors must have shape (K, {self.n_params}) (one row per test gradient), got {tuple(vectors.shape)}")
+        if not torch.isfinite(vectors).all():
+            raise ValueError("vectors contain NaN or inf; check the test inputs and the model's loss")
+        return vectors.to(self.device, self.dtype)
+
+    # -- the one method a solver implements -----------------------------------------------
+    @abc.abstractmethod
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(C + weight_decay I + damping I)^{-1} v`` for each row: (K, P) -> (K, P)."""
+
+    def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``v^T (C + weight_decay I + damping I)^{-1} v`` for each row: (K, P) -> (K,)."""
+        vectors = self._check_vectors(vectors)
+        return (self.inverse_hvp(vectors) * vectors).sum(1)
+
+    # -- caching ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Tensors of the fitted curvature worth caching (empty for matrix-free solvers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:  # noqa: B027
+        """Restore what :meth:`state_dict` gave (``fit(..., state=...)`` calls it)."""
+
+    def describe(self) -> dict:
+        """Name and settings: part of every cache key and results file."""
+        return {"solver": self.name, **asdict(self.settings)}
+
+
+# ----------------------------------------------------------------------------- exact
+
+class ExactSolver(InverseHVP):
+    """The explicitly built damped curvature matrix (P, P) and an LU solve. Small models only.
+
+    ``self.matrix`` is ``C + (weight_decay + damping) I`` (float of the model's dtype).
+    """
+
+    name = "exact"
+    settings_class = ExactSettings
+
+    def _fit(self) -> None:
+        if self.n_params > 20_000:
+            raise ValueError(f"the exact solver builds a {self.n_params} x {self.n_params} matrix; use 'cg' or 'fast' for a model this size")
+        x, y = self._train_tensors()
+        c = curvature_matrix(self.model, x, y, self.settings.curvature, self.layers, chunk_size=self.settings.chunk_size)
+        self.curvature = c
+        self.matrix = c + self.total_damping * torch.eye(len(c), dtype=c.dtype, device=c.device)
+        self._factor()
+
+    def _factor(self):
+        self._lu = torch.linalg.lu_factor(self.matrix)
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        vectors = self._check_vectors(vectors)
+        return torch.linalg.lu_solve(*self._lu, vectors.T).T
+
+    def state_dict(self) -> dict:
+        return {"curvature": self.curvature}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.curvature = state["curvature"].to(self.device, self.dtype)
+        self.matrix = self.curvature + self.total_damping * torch.eye(len(self.curvature), dtype=self.dtype, device=self.device)
+        self._factor()
+
+
+# ----------------------------------------------------------------------------- conjugate gradient
+
+class CGSolver(InverseHVP):
+    """Conjugate gradient on ``(C + weight_decay I + damping I) s = v``, all K vectors at once.
+
+    Each iteration costs one batched curvature product over the training set (or the fixed
+    subsample). ``self.residuals`` holds, per iteration, the largest relative residual
+    ``||r|| / ||v||`` over the vectors of the last call.
+    """
+
+    name = "cg"
+    settings_class = CGSettings
+
+    def _fit_light(self) -> None:
+        self._fit()
+
+    def _fit(self) -> None:
+        s = self.settings
+        if s.n_samples is not None and s.n_samples < self.n_train:
+            gen = torch.Generator().manual_seed(s.seed)
+            idx = torch.randperm(self.n_train, generator=gen)[: s.n_samples].sort().values
+            self._x, self._y = self._train_tensors(idx)
+        else:
+            self._x, self._y = self._train_tensors()
+        self.residuals: list[float] = []
+
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The damped operator ``(C + weight_decay I + damping I) v`` for rows (K, P)."""
+        s = self.settings
+        cv = curvature_products(self.model, self._x, self._y, vectors, s.curvature, self.layers, s.chunk_size)
+        return cv + self.total_damping * vectors
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        b = self._check_vectors(vectors)
+        s = self.settings
+        x = torch.zeros_like(b)
+        r = b.clone()
+        p = r.clone()
+        rs = (r * r).sum(1)
+        bnorm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
+        self.residuals = [float((rs.sqrt() / bnorm).max())]
+        active = rs.sqrt() > s.tol * bnorm
+        for it in range(s.max_iter):
+            if not active.any():
+                break
+            ap = torch.zeros_like(p)
+            ap[active] = self.apply(p[active])
+            pap = (p * ap).sum(1)
+            if (pap[active] <= 0).any():
+                log.warning("CG met a direction of non-positive curvature at iteration %d: the damped %s is "
+                            "indefinite; raise damping or use curvature='ggn'", it, s.curvature)
+            alpha = torch.where(active, rs / torch.where(pap == 0, torch.ones_like(pap), pap), torch.zeros_like(rs))
+            x += alpha[:, None] * p
+            r -= alpha[:, None] * ap
+            rs_new = (r * r).sum(1)
+            beta = torch.where(active, rs_new / rs.clamp_min(torch.finfo(b.dtype).tiny), torch.zeros_like(rs))
+            p = r + beta[:, None] * p
+            rs = rs_new
+            rel = rs.sqrt() / bnorm
+            self.residuals.append(float(rel.max()))
+            active = rel > s.tol
+        else:
+            if active.any():
+                log.warning("CG stopped at max_iter=%d with relative residual %.2e > tol=%.1e", s.max_iter, self.residuals[-1], s.tol)
+        return x
+
+
+# ----------------------------------------------------------------------------- LiSSA
+
+class LiSSASolver(InverseHVP):
+    """LiSSA (Agarwal, Bullins & Hazan 2017) as Koh & Liang use it, done right.
+
+    For each repetition, with ``damp = damping / scale`` and a fresh minibatch B_t each step::
+
+        h_0 = v;   h_t = v + (1 - damp) h_{t-1} - (C_{B_t} + weight_decay I) h_{t-1} / scale
+
+    whose fixed point is ``h = scale (C + weight_decay I + damping I)^{-1} v``; the result is
+    ``h_depth / scale`` averaged over ``repeat`` repetitions. Nothing is differentiated through
+    the recursion (no graph kept). It converges when ``scale`` exceeds the largest eigenvalue of
+    every minibatch curvature (plus weight decay); otherwise :class:`LiSSADivergenceError` is
+    raised early, with an estimate of that eigenvalue. Minibatches are drawn with a seeded
+    ``torch.Generator``, or given explicitly via :meth:`inverse_hvp`'s ``batches``.
+    """
+
+    name = "lissa"
+    settings_class = LiSSASettings
+
+    def _batches(self, gen: torch.Generator):
+        s = self.settings
+        n = self.n_train
+        order, pos = torch.randperm(n, generator=gen), 0
+        while True:
+            if pos + s.batch_size > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos : pos + s.batch_size]
+            pos += s.batch_size
+            yield self._train_tensors(idx.sort().values)
+
+    def _batch_product(self, xb, yb, h):
+        return curvature_products(self.model, xb, yb, h, self.settings.curvature, self.layers, chunk_size=len(xb)) + self.weight_decay * h
+
+    def inverse_hvp(self, vectors: torch.Tensor, batches: Iterable | None = None) -> torch.Tensor:
+        """As the base class; ``batches`` (optional) is an iterable of ``(x, y)`` minibatches used in
+        order, one per step, instead of seeded sampling (``depth`` steps per repetition)."""
+        v = self._check_vectors(vectors)
+        s = self.settings
+        gen = torch.Generator().manual_seed(s.seed)
+        estimates = []
+        vnorm = v.norm(dim=1)
+        limit = s.blowup * vnorm / max(s.damp, 1e-12)
+        for rep in range(s.repeat):
+            source = iter(batches) if batches is not None else self._batches(gen)
+            h = v.clone()
+            for step in range(s.depth):
+                try:
+                    xb, yb = next(source)
+                except StopIteration:
+                    raise ValueError(f"batches ran out after {step} steps; LiSSA needs depth={s.depth} minibatches per repetition") from None
+                xb, yb = xb.to(self.device, self.dtype), yb.to(self.device)
+                with torch.no_grad():
+                    h = v + (1 - s.damp) * h - self._batch_product(xb, yb, h) / s.scale
+                if step % s.check_every == 0 or step == s.depth - 1:
+                    norms = h.norm(dim=1)
+                    if not torch.isfinite(norms).all() or (norms > limit).any():
+                        self._raise_divergence(rep, step, xb, yb)
+            estimates.append(h / s.scale)
+        return torch.stack(estimates).mean(0)
+
+    def largest_eigenvalue(self, x: torch.Tensor, y: torch.Tensor, steps: int = 20, seed: int = 0) -> float:
+        """Power-iteration estimate of the largest |eigenvalue| of ``C_batch + weight_decay I`` on ``(x, y)``."""
+        gen = torch.Generator().manual_seed(seed)
+        v = torch.randn(1, self.n_params, generator=gen).to(self.device, self.dtype)
+        v /= v.norm()
+        value = 0.0
+        for _ in range(steps):
+            w = self._batch_product(x, y, v)
+            value = float(w.norm())
+            if value == 0:
+                break
+            v = w / value
+        return value
+
+    def _raise_divergence(self, rep, step, xb, yb):
+        s = self.settings
+        lam = self.largest_eigenvalue(xb, yb)
+        suggest = float(f"{max(2 * lam, 1.0):.1g}")
+        raise LiSSADivergenceError(
+            f"LiSSA diverged at step {step} of repetition {rep} (estimate not finite or growing without bound): "
+            f"scale={s.scale:g} is too small. The largest eigenvalue of a minibatch {s.curvature} curvature "
+            f"(batch_size={s.batch_size}, + weight decay) is about {lam:.3g} (power iteration); the recursion needs "
+            f"scale > that. Raise scale to about {suggest:g} (and keep damping={s.damping:g} with damp=damping/scale), "
+            f"or use a larger batch_size to smooth the minibatch curvature."
+        )
+
+
+# ----------------------------------------------------------------------------- fast
+
+class FastSolver(InverseHVP):
+    """Top-``rank`` eigenpairs of the Gauss-Newton matrix, exact inverse on them, ``1/(wd + damping)`` elsewhere.
+
+    The GGN of softmax cross-entropy factorises per example: ``sum_c p_c g(c) g(c)^T`` with
+    ``g(c)`` the gradient for label ``c`` (:func:`.gradients.class_gradients`). ``fit`` streams
+    these rows over a seeded subsample of ``n_samples`` training images into a factor
+    ``G`` (n_samples * C, P) with ``GGN ~= G^T G`` and keeps its top ``rank`` eigenpairs
+    ``U diag(e) U^T``. Then, with ``d = weight_decay + damping``::
+
+        (G^T G + d I)^{-1} v  ~=  U diag(1 / (e + d)) U^T v  +  (v - U U^T v) / d
+
+    for any number of vectors at the cost of two (K, P) x (P, rank) products.
+    """
+
+    name = "fast"
+    settings_class = FastSettings
+
+    def _fit(self) -> None:
+        s = self.settings
+        gen = torch.Generator().manual_seed(s.seed)
+        m = min(s.n_samples, self.n_train)
+        idx = torch.randperm(self.n_train, generator=gen)[:m].sort().values
+        rows = []
+        for start in range(0, m, s.chunk_size):
+            x, _ = self._train_tensors(idx[start : start + s.chunk_size])
+            _, r = class_gradients(self.model, x, self.layers)  # (B, C, P)
+            rows.append(r.reshape(-1, self.n_params))
+        factor = torch.cat(rows) / math.sqrt(m)  # (m*C, P): GGN ~= factor.T @ factor
+        gram = factor @ factor.T  # (m*C, m*C)
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = min(s.rank, len(evals))
+        evals, evecs = evals.flip(0)[:keep].clamp_min(0), evecs.flip(1)[:, :keep]
+        nonzero = evals > evals[0] * 1e-10 if len(evals) else evals > 0
+        evals, evecs = evals[nonzero], evecs[:, nonzero]
+        self.eigenvalues = evals  # (r,)
+        self.eigenvectors = (factor.T @ evecs) / evals.sqrt()  # (P, r), orthonormal columns
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = self._check_vectors(vectors)
+        d = self.total_damping
+        if d <= 0:
+            raise ValueError("the fast solver needs weight_decay + damping > 0 (the rest of the spectrum is treated as 0)")
+        u, e = self.eigenvectors, self.eigenvalues
+        coef = v @ u  # (K, r)
+        return (v - coef @ u.T) / d + (coef / (e + d)) @ u.T
+
+    def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = self._check_vectors(vectors)
+        d = self.total_damping
+        coef = v @ self.eigenvectors  # (K, r)
+        return (v * v).sum(1) / d + (coef * coef * (1 / (self.eigenvalues + d) - 1 / d)).sum(1)
+
+    def state_dict(self) -> dict:
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.eigenvalues = state["eigenvalues"].to(self.device, self.dtype)
+        self.eigenvectors = state["eigenvectors"].to(self.device, self.dtype)
+
+
+# ----------------------------------------------------------------------------- factory
+
+SOLVERS: dict[str, type[InverseHVP]] = {
+    "exact": ExactSolver,
+    "cg": CGSolver,
+    "lissa": LiSSASolver,
+    "fast": FastSolver,
+}
+
+
+def make_solver(name: str, **settings) -> InverseHVP:
+    """A solver by name (``exact``, ``cg``, ``lissa``, ``fast``) with keyword settings.
+
+    Unknown names or settings raise ValueError listing the valid ones.
+    """
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; choose one of {sorted(SOLVERS)}")
+    cls = SOLVERS[name]
+    valid = {f.name for f in fields(cls.settings_class)}
+    unknown = sorted(set(settings) - valid)
+    if unknown:
+        raise ValueError(f"solver {name!r} has no setting(s) {unknown}; valid: {sorted(valid)}")
+    return cls(cls.settings_class(**settings))
