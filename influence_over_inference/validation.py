@@ -599,7 +599,8 @@ class NetworkLOOConfig:
 
 
 def _solver_scores(model, train_split, test_x, test_y, name: str, settings: dict, damping: float, weight_decay: float,
-                   checkpoint, data_source: str, progress: bool) -> tuple[torch.Tensor, float]:
+                   checkpoint, data_source: str, progress: bool, cache_dir: str | os.PathLike = CACHE_DIR
+                   ) -> tuple[torch.Tensor, float]:
     """Influence scores (K, N) of one engine solver (cached by the engine) and the seconds they took."""
     from .influence import InfluenceEngine
     from .solvers import LiSSADivergenceError, make_solver
@@ -608,7 +609,7 @@ def _solver_scores(model, train_split, test_x, test_y, name: str, settings: dict
     settings = dict(settings)
     for attempt in range(4):
         solver = make_solver(name, damping=damping, **settings)
-        engine = InfluenceEngine(model, train_split, solver, weight_decay=weight_decay, cache_dir=CACHE_DIR / "influence",
+        engine = InfluenceEngine(model, train_split, solver, weight_decay=weight_decay, cache_dir=Path(cache_dir) / "influence",
                                  checkpoint=checkpoint, data_source=data_source, progress=progress)
         try:
             # one test image at a time: the engine's batched curvature products are slower than a loop on the CPU
@@ -666,7 +667,7 @@ def run_loo_network(data, config: NetworkLOOConfig | None = None, cache_dir: str
     scores = {}
     for name in config.solvers:
         scores[name], seconds = _solver_scores(model, split, x_test, y_test, name, config.solver_settings.get(name, {}),
-                                               config.damping, wd, ckpt, data.source, progress)
+                                               config.damping, wd, ckpt, data.source, progress, cache_dir)
         timings[f"{name}_seconds"] = seconds
         log.info("%s scores: %.1f s", name, seconds)
     chosen = [torch.argsort(scores[config.select_by][k].abs(), descending=True)[: config.top_k].tolist()
@@ -755,7 +756,8 @@ def run_sign(data, config: SignConfig | None = None, cache_dir: str | os.PathLik
     idx = torch.as_tensor(wrong)
     x_test, y_test = x_all[idx], y_all[idx]
     scores, seconds = _solver_scores(model, split, x_test, y_test, config.solver, config.solver_settings,
-                                     config.damping, train_config.weight_decay, ckpt, data.source, progress)
+                                     config.damping, train_config.weight_decay, ckpt, data.source, progress,
+                                     cache_dir)
     harmful = torch.argsort(scores, dim=1)[:, : config.n_remove]  # most negative first
     helpful = torch.argsort(scores, dim=1, descending=True)[:, : config.n_remove]
     settings = {"experiment": "sign", "checkpoint": file_sha256(ckpt), "data_source": data.source,

@@ -234,3 +234,46 @@ def test_balanced_subset_and_configs():
         RetrainConfig(lr=0)
     assert RetrainConfig(lr=0.01, steps=400, momentum=0.9).horizon == pytest.approx(40.0)
     assert NetworkLOOConfig(retrain={"steps": 10}).retrain.steps == 10
+
+
+# ----------------------------------------------------------------- the experiments end to end, tiny
+
+def tiny_data(n_train_per_class=4, n_test=12, seed=0):
+    from influence_over_inference.data import CIFAR10Data, CIFAR10Split
+
+    g = torch.Generator().manual_seed(seed)
+    n = 10 * n_train_per_class
+    train = CIFAR10Split(torch.randint(0, 256, (n, 32, 32, 3), generator=g, dtype=torch.uint8),
+                         torch.arange(n) % 10, [f"t{i}" for i in range(n)])
+    test = CIFAR10Split(torch.randint(0, 256, (n_test, 32, 32, 3), generator=g, dtype=torch.uint8),
+                        torch.arange(n_test) % 10, [f"s{i}" for i in range(n_test)])
+    return CIFAR10Data(train, test, source="tiny-random")
+
+
+def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
+    from influence_over_inference.flipped import FlippedConfig, run_flipped
+    from influence_over_inference.validation import SignConfig, run_loo_network, run_sign, summarize
+
+    data = tiny_data()
+    retrain_cfg = RetrainConfig(steps=3, batch_size=8)
+    fast = {"rank": 20, "n_samples": 10, "chunk_size": 10}
+    net_cfg = NetworkLOOConfig(n_per_class=3, train_epochs=1, test_indices=(0, 1), top_k=3, solvers=("cg", "fast"),
+                               solver_settings={"cg": {"max_iter": 3, "tol": 1e-3}, "fast": fast}, retrain=retrain_cfg)
+    net = run_loo_network(data, net_cfg, cache_dir=tmp_path, progress=False)
+    assert len(net["test"]) == 2 and set(net["test"][0]["pearson"]) == {"cg", "fast"}
+    assert len(net["test"][0]["actual"]) == 3
+    again = run_loo_network(data, net_cfg, cache_dir=tmp_path, progress=False)  # second call: the cached result
+    assert again == json.loads(json.dumps(net))
+    sign = run_sign(data, SignConfig(n_test=2, n_remove=3, solver_settings=fast, n_per_class=3, train_epochs=1,
+                                     retrain=retrain_cfg), cache_dir=tmp_path, progress=False)
+    assert sign["n_test"] == 2 and len(sign["per_image"]) == 2
+    flip = run_flipped(data, FlippedConfig(n_per_class=4, epochs=1, solver_settings={"damping": 0.01, **fast}),
+                       cache_dir=tmp_path, progress=False)
+    assert flip["n_flipped"] == 4 and set(flip["metrics"]) == {"self_influence", "training_loss", "random"}
+    summary = summarize({"loo_network": net, "sign": sign, "flipped": flip}, tmp_path / "v.json", tmp_path / "v.npz")
+    for key in ("loo_network_pearson", "loo_network_spearman", "flipped_found_at_10", "flipped_found_at_20",
+                "flipped_auc", "loss_found_at_20", "sign_harmful_removed_delta", "sign_helpful_removed_delta",
+                "minutes", "data_source", "n_train"):
+        assert key in summary
+    arrays = np.load(tmp_path / "v.npz")
+    assert "loo_network_predicted_cg_1" in arrays and arrays["flipped_random_found"].shape == (1001,)
