@@ -105,6 +105,7 @@ def _registered():
 # Modules that add subcommands (influence, validation, slides, ...), each with register(subparsers).
 COMMAND_MODULES: list[str] = [
     "notebook",
+    "slides",
     "validation",
 ]
 

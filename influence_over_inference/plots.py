@@ -96,7 +96,7 @@ def plot_image_grid(images, labels, classes: Sequence[str], ncols: int = 8, titl
 
 
 def plot_rgb_channels(image, title: str | None = None, crop: tuple[int, int, int] | None = None,
-                      ncols: int = 2, panel_inches: float = 10.0, fontsize: float | None = None,
+                      ncols: int = 1, panel_inches: float = 10.0, fontsize: float | None = None,
                       fig: Figure | SubFigure | None = None) -> Figure:
     """How a machine sees an image: the colour image beside its R, G and B channels in grayscale,
     every pixel of each channel annotated with its value (0-255).
@@ -104,8 +104,9 @@ def plot_rgb_channels(image, title: str | None = None, crop: tuple[int, int, int
     ``image``: uint8 (32, 32, 3). ``crop=(row, col, size)`` annotates only that ``size`` x
     ``size`` window (marked with a box on the colour image), so the numbers can be large enough
     for a slide; by default all 32x32 pixels are annotated (3 x 1024 numbers). ``ncols`` panels
-    per row (2: a 2x2 layout; 1: stacked, the most legible in a narrow notebook column),
-    ``panel_inches`` the width of each panel. Text is black on light pixels, white on dark ones.
+    per row: 1 (default) stacks the four panels, each ``panel_inches`` (10) wide -- the layout
+    whose numbers stay legible where a notebook is shown about 1,000 pixels wide (GitHub), since
+    wider figures are scaled down; 2 gives a 2x2 layout, 4 a row (for slides, with ``crop``). Text is black on light pixels, white on dark ones.
     """
     img = _as_uint8_images(image)[0]
     h, w, _ = img.shape
@@ -124,8 +125,7 @@ def plot_rgb_channels(image, title: str | None = None, crop: tuple[int, int, int
     fig = _new_or(fig, (panel_inches * ncols, panel_inches * nrows * 1.08))
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     _show_image(axes[0], img)
-    axes[0].set_title("colour" if crop is None else f"colour (box: rows {r0}-{r0 + size_r - 1}, "
-                      f"columns {c0}-{c0 + size_c - 1})")
+    axes[0].set_title("colour" if crop is None else "colour (yellow box)")
     if crop is not None:
         from matplotlib.patches import Rectangle
 
@@ -214,21 +214,27 @@ def plot_loo_scatter(predicted, actual, ax: Axes | None = None, title: str | Non
     if x.shape != y.shape:
         raise ValueError(f"predicted and actual differ in length: {x.shape} vs {y.shape}")
     fig, ax = _new_ax(ax, (5.5, 5.0))
-    ax.scatter(x, y, s=22, alpha=0.8, label=label)
     finite = np.isfinite(x) & np.isfinite(y)
+    # show values in units of 10^e so tick labels stay short and no offset text is needed
+    peak = np.abs(np.concatenate([x[finite], y[finite]])).max() if finite.any() else 0.0
+    e = int(np.floor(np.log10(peak))) if peak > 0 else 0
+    e = e if not -2 <= e <= 2 else 0
+    unit = 10.0 ** e
+    xs, ys = x / unit, y / unit
+    ax.scatter(xs, ys, s=22, alpha=0.8, label=label)
     if finite.any():
-        lo = min(x[finite].min(), y[finite].min())
-        hi = max(x[finite].max(), y[finite].max())
+        lo = min(xs[finite].min(), ys[finite].min())
+        hi = max(xs[finite].max(), ys[finite].max())
         pad = 0.05 * (hi - lo if hi > lo else 1.0)
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", linewidth=1, label="y = x")
     ax.axhline(0, color="0.8", linewidth=0.8, zorder=0)
     ax.axvline(0, color="0.8", linewidth=0.8, zorder=0)
-    ax.set_xlabel("predicted change in test loss")
-    ax.set_ylabel("actual change (retrained)")
+    scale = f" (\u00d710$^{{{e}}}$)" if e else ""
+    ax.set_xlabel(f"predicted change in test loss{scale}")
+    ax.set_ylabel(f"actual change, retrained{scale}")
     stats = (f"Pearson {_pearson(x[finite], y[finite]):.2f}, "
              f"Spearman {_spearman(x[finite], y[finite]):.2f}")
     ax.set_title(f"{title}\n{stats}" if title else stats)
-    ax.ticklabel_format(style="sci", scilimits=(-2, 3))
     return fig
 
 
@@ -246,8 +252,8 @@ def plot_fraction_found(curves: Mapping[str, tuple], ax: Axes | None = None,
         style = ":" if "random" in name.lower() else "-"
         ax.plot(checked, found, style, linewidth=2.5, label=name)
     ax.axvline(0.2, color="0.6", linewidth=1, linestyle="--")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("fraction of training data checked")
     ax.set_ylabel("fraction of flipped labels found")
     ax.legend(loc="lower right")
@@ -346,7 +352,8 @@ def plot_agreement(values: Mapping[str, float], ax: Axes | None = None, title: s
     ax.bar_label(bars, labels=[f"{w:.2f}" if m else "not measured"
                                for w, m in zip(widths, measured, strict=True)], padding=4)
     ax.invert_yaxis()
-    ax.set_xlim(min(0.0, *widths) - 0.05, 1.3)
+    ax.set_xlim(min(0.0, *widths) - 0.05, 1.25)
+    ax.set_xticks([t for t in (-1.0, -0.5, 0.0, 0.5, 1.0) if t >= min(0.0, *widths) - 0.05])
     ax.axvline(0, color="k", linewidth=0.8)
     ax.set_xlabel(xlabel)
     if title:

@@ -1,0 +1,135 @@
+"""The deck builds from small synthetic results: page count, extractable text with the results'
+numbers, sharp upscaled images, "not computed" pages for missing results, byte-identical rebuilds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pypdf import PdfReader
+
+from influence_over_inference.data import CLASSES, CIFAR10Data, CIFAR10Split
+from influence_over_inference.slides import UPSCALE, SlidesConfig, build_slides
+
+N_TRAIN, N_TEST = 200, 40
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+        labels = torch.arange(n) % 10
+        return CIFAR10Split(images, labels, [f"x/{i}.png" for i in range(n)])
+
+    return CIFAR10Data(split(N_TRAIN), split(N_TEST), source="folder:/synthetic (JPEG copy)")
+
+
+def _write_results(root, data):
+    results = root / "results"
+    results.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    history = [{"epoch": e, "loss": 2.0 / e, "accuracy": 0.3 + 0.05 * e, "seconds": 1.0} for e in (1, 2, 3)]
+    train = {"recipe": {"epochs": 3, "batch_size": 32, "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                        "cosine": True, "seed": 0, "n_train": None},
+             "data_source": data.source, "n_train": N_TRAIN, "seconds_per_epoch": 1.234,
+             "history": history, "test_accuracy": 0.4321,
+             "test_per_class": {c: 0.1 * (i + 1) for i, c in enumerate(CLASSES)}, "device": "cpu"}
+    (results / "train.json").write_text(json.dumps(train))
+
+    def top(sign):
+        return [{"index": int(i), "score": sign * float(s)}
+                for i, s in zip(rng.choice(N_TRAIN, 5, replace=False), [5e-4, 4e-4, 3e-4, 2e-4, 1e-4], strict=True)]
+
+    tests = [(5, 5), (3, 7), (12, 4)]  # (index, predicted); labels from the data
+    influence = {"data_source": data.source, "n_train": N_TRAIN, "k": 5,
+                 "solver": {"name": "fastsolver", "damping": 0.001},
+                 "test_images": [{"index": i, "label": int(data.test.labels[i]), "pred": p,
+                                  "helpful": top(1), "harmful": top(-1)} for i, p in tests]}
+    (results / "influence.json").write_text(json.dumps(influence))
+
+    x = rng.normal(size=(3, 20)) * 1e-3
+    grid = np.linspace(0, 1, 51)
+    np.savez(results / "validation_arrays.npz", loo_convex_predicted=x,
+             loo_convex_actual=x + 1e-4 * rng.normal(size=x.shape), flipped_checked=grid,
+             flipped_found_self_influence=grid ** 0.3, flipped_found_training_loss=grid ** 0.6,
+             flipped_found_random=grid)
+    validation = {"loo_convex_pearson": [0.987, 0.976, 0.964],
+                  "loo_network_pearson": {"cg": [0.912, 0.871, 0.853]},
+                  "loo_network_spearman": {"cg": [0.9, 0.8, 0.7]},
+                  "flipped_found_at_10": 0.61, "flipped_found_at_20": 0.83, "flipped_auc": 0.917,
+                  "loss_found_at_20": 0.52, "sign_harmful_removed_delta": -0.4567,
+                  "sign_helpful_removed_delta": 0.789, "minutes": {"flipped": 3.0},
+                  "data_source": data.source, "n_train": N_TRAIN, "arrays": "validation_arrays.npz"}
+    (results / "validation.json").write_text(json.dumps(validation))
+    bench = root / "engine.json"
+    bench.write_text(json.dumps({
+        "nimarb_t100_s": 6543.0, "kronfluence_t100_s": 91.0, "t100_cg_s": 800.0, "t100_fast_s": 21.0,
+        "spearman_nimarb_vs_cg": 0.11, "spearman_kronfluence_vs_cg": 0.64, "spearman_lissa_vs_cg": 0.95,
+        "spearman_fast_vs_cg": 0.973, "speedup_vs_nimarb": 311.6, "t100_fast_epochs": 2.2,
+        "peak_rss_mb": 1999.0, "data_source": data.source}))
+    return results, bench
+
+
+@pytest.fixture(scope="module")
+def deck(tmp_path_factory, data):
+    root = tmp_path_factory.mktemp("deck")
+    results, bench = _write_results(root, data)
+    config = SlidesConfig(out=str(root / "deck.pdf"), results_dir=str(results), engine_json=str(bench))
+    path, titles, problems = build_slides(config, data=data)
+    return config, path, titles, problems
+
+
+def _text(path) -> list[str]:
+    return [page.extract_text() for page in PdfReader(path).pages]
+
+
+def test_deck_has_every_slide_with_the_results_numbers(deck):
+    config, path, titles, problems = deck
+    pages = _text(path)
+    assert len(pages) == len(titles) == 14  # 11 fixed slides + one per test image (3)
+    assert problems == []  # nothing cut off, no text overlapping
+    everything = "\n".join(pages)
+    for expected in ("Influence over inference", "Test image #5", "Test image #12",
+                     "0.99, 0.98, 0.96",  # convex leave-one-out Pearson, rounded
+                     "83%",  # flipped labels found at 20% checked
+                     "-0.457", "+0.789",  # the sign by retraining
+                     "312", "1,999 MB",  # speedup and peak RSS
+                     "43%",  # test accuracy
+                     "fastsolver", "JPEG copy"):
+        assert expected in " ".join(everything.split()), expected
+    assert "not computed" not in pages[1]
+
+
+def test_small_images_are_embedded_upscaled(deck):
+    _, path, _, _ = deck
+    # matplotlib's PDF pages share one resource dictionary: every page lists every image
+    sizes = [img.image.size for img in PdfReader(path).pages[0].images]
+    assert (32 * UPSCALE, 32 * UPSCALE) in sizes
+    # no image is embedded at its raw 32x32 size: each pixel is repeated UPSCALE x UPSCALE times
+    assert all(w % UPSCALE == 0 and h % UPSCALE == 0 and min(w, h) > 32 for w, h in sizes), sizes
+
+
+def test_rebuild_is_byte_identical(deck, data, tmp_path):
+    config, path, _, _ = deck
+    again = SlidesConfig(out=str(tmp_path / "again.pdf"), results_dir=config.results_dir,
+                         engine_json=config.engine_json, check_layout=False)
+    path2, _, _ = build_slides(again, data=data)
+    assert path2.read_bytes() == path.read_bytes()
+
+
+def test_missing_results_give_not_computed_slides(tmp_path, data):
+    config = SlidesConfig(out=str(tmp_path / "empty.pdf"), results_dir=str(tmp_path / "none"),
+                          engine_json=str(tmp_path / "none" / "engine.json"))
+    path, titles, problems = build_slides(config, data=data)
+    pages = _text(path)
+    assert len(pages) == len(titles) == 12  # one placeholder instead of the influence slides
+    assert problems == []
+    joined = " ".join("\n".join(pages).split())
+    for command in ("train --json results/train.json", "influence_over_inference notebook",
+                    "validate all", "bench/engine.py"):
+        assert command in joined, command
+    assert joined.count("not computed") >= 5
