@@ -132,3 +132,19 @@ def test_harmful_is_koh_liang_helpful(tiny):
     assert theirs.harmful[0] == int(np.argmax(ours))
     assert theirs.helpful[0] == int(np.argmin(ours))
     assert theirs.harmful[:5] == list(np.argsort(-ours)[:5])
+
+
+def test_repaired_recursion_equals_our_lissa_times_scale(tiny):
+    from influence_over_inference.gradients import grad_z
+    from influence_over_inference.solvers import LiSSASettings, LiSSASolver
+
+    model, x, y = tiny
+    damp, scale, depth, wd = 0.01, 50.0, 10, 5e-4
+    feed = nr.MinibatchFeed(x, y, _batches(len(x), 8, depth, seed=4))
+    undivided = nr.repaired_s_test(model, x[0], y[0], feed.batches(), damp, scale, weight_decay=wd, divide_by_scale=False)
+    settings = LiSSASettings.from_paper(damp, scale, depth, curvature="hessian", batch_size=8)
+    ours = LiSSASolver(settings).fit(model, x, y, weight_decay=wd)
+    v = grad_z(model, x[:1], y[:1])  # (1, P)
+    s = ours.inverse_hvp(v, batches=feed.batches())[0]
+    assert _rel(undivided, s * scale) < EXACT
+    assert _rel(nr.repaired_s_test(model, x[0], y[0], feed.batches(), damp, scale, weight_decay=wd), s) < EXACT
