@@ -40,6 +40,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .gradients import (
+    _hooks_supported,
     _split_params,
     as_tensors,
     check_inputs,
@@ -78,6 +79,13 @@ def curvature_products(
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if curvature == "ggn" and _hooks_supported(model, layers):
+        # per-example factor rows (hooks, no vmap): GGN v = (1/n) sum_i R_i^T (R_i v)
+        total = torch.zeros_like(vectors)
+        for start in range(0, len(x), chunk_size):
+            rows = ggn_factor(model, x[start : start + chunk_size], layers)  # (B*C, P)
+            total += (vectors @ rows.T) @ rows
+        return total / len(x)
     was_training = model.training
     model.eval()
     try:
@@ -115,6 +123,15 @@ def curvature_products(
         model.train(was_training)
 
 
+def ggn_factor(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str | None = None) -> torch.Tensor:
+    """Rows R (B*C, P) with ``R^T R = sum_i J_i^T (diag(p_i) - p_i p_i^T) J_i`` over the B examples.
+
+    Row ``(i, c)`` is ``sqrt(p_ic) * grad L(x_i, label=c)`` (see :func:`.gradients.class_gradients`).
+    """
+    _, rows = class_gradients(model, x, layers)  # (B, C, P)
+    return rows.reshape(-1, rows.shape[-1])
+
+
 def curvature_matrix(
     model: nn.Module,
     x: torch.Tensor,
@@ -126,9 +143,16 @@ def curvature_matrix(
 ) -> torch.Tensor:
     """The explicit curvature matrix (P, P) of the mean loss over ``(x, y)`` (no weight decay).
 
-    Built column block by column block from :func:`curvature_products`; symmetrised. For small
-    models only (P up to a few thousand).
+    GGN: summed from the per-example factor rows (:func:`ggn_factor`). Hessian: built column
+    block by column block from :func:`curvature_products`, symmetrised. Small models only (P up
+    to a few thousand).
     """
+    if curvature == "ggn":
+        total = None
+        for start in range(0, len(x), chunk_size):
+            rows = ggn_factor(model, x[start : start + chunk_size], layers)  # (B*C, P)
+            total = rows.T @ rows if total is None else total + rows.T @ rows
+        return total / len(x)
     p = count_selected(model, layers)
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
@@ -406,13 +430,15 @@ class CGSolver(InverseHVP):
         bnorm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
         self.residuals = [float((rs.sqrt() / bnorm).max())]
         active = rs.sqrt() > s.tol * bnorm
+        warned = False
         for it in range(s.max_iter):
             if not active.any():
                 break
             ap = torch.zeros_like(p)
             ap[active] = self.apply(p[active])
             pap = (p * ap).sum(1)
-            if (pap[active] <= 0).any():
+            if (pap[active] <= 0).any() and not warned:
+                warned = True
                 log.warning("CG met a direction of non-positive curvature at iteration %d: the damped %s is "
                             "indefinite; raise damping or use curvature='ggn'", it, s.curvature)
             alpha = torch.where(active, rs / torch.where(pap == 0, torch.ones_like(pap), pap), torch.zeros_like(rs))

@@ -1,0 +1,128 @@
+"""Per-sample gradients: vectorised == a plain per-example loop, chunk-size invariance, layer
+selection, the Gauss-Newton factor rows, and clear errors for bad input (float64, tiny models)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_models import DTYPE, blobs, conv, logistic, mlp
+from torch import nn
+
+from influence_over_inference.gradients import (
+    class_gradients,
+    count_selected,
+    flatten_params,
+    grad_z,
+    iter_grad_z,
+    select_parameters,
+    unflatten_params,
+)
+
+EXACT = 1e-10  # float64 agreement of two ways to compute the same numbers
+
+
+def loop_grads(model, x, y, layers=None):
+    """The plain per-example loop: one backward pass per example."""
+    params = select_parameters(model, layers)
+    named = dict(model.named_parameters())
+    rows = []
+    for xi, yi in zip(x, y, strict=True):
+        loss = nn.functional.cross_entropy(model(xi[None]), yi[None])
+        grads = torch.autograd.grad(loss, [named[k] for k in params])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows)
+
+
+CASES = [
+    ("logistic", logistic, (5,), 3),
+    ("mlp", mlp, (6,), 3),
+    ("conv", conv, (3, 8, 8), 4),
+]
+
+
+@pytest.mark.parametrize("name,make,shape,c", CASES)
+@pytest.mark.parametrize("method", ["vmap", "hooks"])
+def test_vectorised_equals_loop(name, make, shape, c, method):
+    torch.manual_seed(0)
+    model = make().eval()
+    x, y = blobs(12, shape, c, seed=1)
+    g = grad_z(model, x, y, method=method)
+    assert g.shape == (12, count_selected(model))
+    assert torch.allclose(g, loop_grads(model, x, y), atol=EXACT, rtol=0)
+
+
+def test_chunk_size_invariance_and_streaming():
+    model = conv().eval()
+    x, y = blobs(23, (3, 8, 8), 4, seed=2)
+    full = grad_z(model, x, y, chunk_size=100)
+    for chunk in (1, 5, 7):
+        assert torch.allclose(grad_z(model, x, y, chunk_size=chunk), full, atol=EXACT, rtol=0)
+    streamed = torch.cat([g for _, g in iter_grad_z(model, (x, y), chunk_size=6, dtype=DTYPE)])
+    assert torch.allclose(streamed, full, atol=EXACT, rtol=0)
+    starts = [s for s, _ in iter_grad_z(model, (x, y), chunk_size=6)]
+    assert starts == [0, 6, 12, 18]
+
+
+def test_layer_selection_picks_the_right_columns():
+    model = conv().eval()
+    x, y = blobs(5, (3, 8, 8), 4, seed=3)
+    full = unflatten_params(grad_z(model, x, y), select_parameters(model))
+    only = grad_z(model, x, y, layers=["fc2", "conv1.bias"])
+    expect = torch.cat([full[k].reshape(5, -1) for k in ("conv1.bias", "fc2.weight", "fc2.bias")], dim=1)
+    assert torch.allclose(only, expect, atol=EXACT, rtol=0)
+    assert torch.allclose(only, loop_grads(model, x, y, ["fc2", "conv1.bias"]), atol=EXACT, rtol=0)
+
+
+def test_flatten_roundtrip():
+    params = select_parameters(mlp())
+    flat = flatten_params(params)
+    back = unflatten_params(flat, params)
+    assert all(torch.equal(back[k], params[k]) for k in params)
+    with pytest.raises(ValueError, match="entries"):
+        unflatten_params(flat[:-1], params)
+
+
+@pytest.mark.parametrize("name,make,shape,c", CASES)
+def test_class_gradients_factor_the_gauss_newton_matrix(name, make, shape, c):
+    """rows^T rows == J^T (diag(p) - p p^T) J per example; the row of the true label / sqrt(p_y) == grad_z."""
+    model = make().eval()
+    x, y = blobs(4, shape, c, seed=4)
+    probs, rows = class_gradients(model, x)  # (B, C), (B, C, P)
+    params = select_parameters(model)
+    for i in range(len(x)):
+        def logits(flat, i=i):
+            return torch.func.functional_call(model, unflatten_params(flat, params), (x[i : i + 1],))[0]
+
+        jac = torch.autograd.functional.jacobian(logits, flatten_params(params))  # (C, P)
+        p = probs[i]
+        ggn = jac.T @ (torch.diag(p) - torch.outer(p, p)) @ jac
+        assert torch.allclose(rows[i].T @ rows[i], ggn, atol=EXACT, rtol=0)
+    g = grad_z(model, x, y)
+    own = rows[torch.arange(len(y)), y] / probs[torch.arange(len(y)), y, None].sqrt()
+    assert torch.allclose(own, g, atol=1e-8, rtol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = mlp().eval()
+    x, y = blobs(4, (6,), 3)
+    bad = x.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        grad_z(model, bad, y)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        grad_z(model, x, y[:3])
+    with pytest.raises(ValueError, match="batch"):
+        grad_z(model, x[0, 0], y[:1])
+    with pytest.raises(ValueError, match="matches no parameter"):
+        grad_z(model, x, y, layers=["fc9"])
+    with pytest.raises(ValueError, match="hooks"):
+        grad_z(nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.LayerNorm(3)).to(DTYPE), x, y, method="hooks")
+    with pytest.raises(ValueError, match="chunk_size"):
+        grad_z(model, x, y, chunk_size=0)
+
+
+def test_models_with_other_layers_fall_back_to_vmap():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DTYPE).eval()
+    x, y = blobs(5, (6,), 3, seed=5)
+    assert torch.allclose(grad_z(model, x, y), loop_grads(model, x, y), atol=EXACT, rtol=0)
