@@ -318,39 +318,78 @@ def influence_slides(inputs, config):
 # Validation
 
 
-def _pairs(validation, kind: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """(label, predicted, actual) per test image for ``kind`` "convex" or "network"; from inline
-    lists or the npz named in the JSON (see :func:`.slides.load_validation`)."""
-    if isinstance(validation, Missing):
+def loo_pairs(validation, kind: str, solver: str | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, predicted, actual) per test image for ``kind`` "convex" or "network" (predictions
+    of ``solver``, default CG when present, for "network"), from the npz that the validation
+    summary names (keys ``loo_convex_predicted_<k>``, ``loo_convex_actual_<k>``,
+    ``loo_network_predicted_<solver>_<k>``, ``loo_network_actual_<k>``) or from inline lists
+    ``loo_<kind>_predicted`` / ``loo_<kind>_actual`` (rows per test image; for "network" also a
+    mapping solver -> rows)."""
+    if isinstance(validation, Missing) or not isinstance(validation, dict):
         return []
-    sources = [validation, validation.get("_arrays", {})]
-    for src in sources:
-        pred, act = src.get(f"loo_{kind}_predicted"), src.get(f"loo_{kind}_actual")
+    tests = validation.get(f"loo_{kind}_test_indices")
+    arrays = validation.get("_arrays", {})
+    rows = []
+    if kind == "convex":
+        k = 0
+        while f"loo_convex_predicted_{k}" in arrays and f"loo_convex_actual_{k}" in arrays:
+            rows.append((arrays[f"loo_convex_predicted_{k}"], arrays[f"loo_convex_actual_{k}"]))
+            k += 1
+    else:
+        solvers = sorted({key[len("loo_network_predicted_"):].rsplit("_", 1)[0]
+                          for key in arrays if key.startswith("loo_network_predicted_")})
+        if solvers:
+            solver = solver or ("cg" if "cg" in solvers else solvers[0])
+            k = 0
+            while f"loo_network_predicted_{solver}_{k}" in arrays and f"loo_network_actual_{k}" in arrays:
+                rows.append((arrays[f"loo_network_predicted_{solver}_{k}"], arrays[f"loo_network_actual_{k}"]))
+                k += 1
+    if not rows:
+        pred, act = validation.get(f"loo_{kind}_predicted"), validation.get(f"loo_{kind}_actual")
         if pred is None or act is None:
-            continue
-        if isinstance(pred, dict):  # solver -> rows: take the first solver (CG if present)
-            solver = "cg" if "cg" in pred else next(iter(pred))
-            pred, act = pred[solver], act[solver]
+            return []
+        if isinstance(pred, dict):
+            solver = solver or ("cg" if "cg" in pred else next(iter(pred)))
+            pred = pred[solver]
         pred, act = np.atleast_2d(np.asarray(pred, float)), np.atleast_2d(np.asarray(act, float))
-        tests = validation.get(f"loo_{kind}_test_indices") or list(range(len(pred)))
-        return [(f"test image #{t}", p, a) for t, p, a in zip(tests, pred, act, strict=False)]
-    return []
+        rows = list(zip(pred, act, strict=False))
+    tests = tests or list(range(len(rows)))
+    return [(f"test image #{t}", np.asarray(p, float), np.asarray(a, float))
+            for t, (p, a) in zip(tests, rows, strict=False)]
+
+
+_pairs = loo_pairs  # the name the notebook's helpers first used
+
+
+def _n_of(val, experiment: str) -> int | None:
+    """Training images an experiment used: ``n_train`` is one number or experiment -> number."""
+    n = _get(val, "n_train")
+    if isinstance(n, dict):
+        n = n.get(experiment)
+    return int(n) if n else None
+
+
+def _count(n: int | None) -> str:
+    return f"{n:,}" if n else "?"
+
+
+def _per_solver(values) -> str:
+    if not isinstance(values, dict):
+        return _fmt(values)
+    return "; ".join(f"{name}: {_fmt(v)}" for name, v in values.items())
 
 
 def loo_slide(inputs, config):
     title = "Does influence predict retraining?"
     val = inputs.validation
-    fig, body = _new_page(title, _footer("results/validation.json", _source(val),
-                                         f"{_get(val, 'n_train', None):,} training images"
-                                         if _get(val, "n_train", None) else None))
+    fig, body = _new_page(title, _footer("results/validation.json", _source(val)))
     if isinstance(val, Missing):
         _not_computed(body, val)
         return title, fig
-    plots_area, text = body.subfigures(1, 2, width_ratios=[1.9, 1])
+    plots_area, text = body.subfigures(1, 2, width_ratios=[1.75, 1])
     axes = plots_area.subplots(1, 2)
-    for ax, kind, name in ((axes[0], "convex", "last layer (convex)"),
-                           (axes[1], "network", "whole network")):
-        pairs = _pairs(val, kind)
+    for ax, kind, name in ((axes[0], "convex", "last layer"), (axes[1], "network", "whole network, CG")):
+        pairs = loo_pairs(val, kind)
         if pairs:
             label, p, a = pairs[0]
             plots.plot_loo_scatter(p, a, ax=ax, title=f"{name}, {label}")
@@ -360,15 +399,15 @@ def loo_slide(inputs, config):
                     f"{COMMANDS['validation'].split()[-2]} {COMMANDS['validation'].split()[-1]}",
                     ha="center", va="center", fontsize=SMALL_PT, color="0.25",
                     bbox={"boxstyle": "round,pad=0.6", "facecolor": "0.93", "edgecolor": "0.6"})
-    net_p = val.get("loo_network_pearson")
-    items = [
-        "Remove one training image, retrain, measure the test loss; compare with the prediction.",
-        f"Last layer, exact Hessian \u2014 Pearson per test image: {_fmt(val.get('loo_convex_pearson'))}.",
-        "Whole network, retrained from the trained weights minus a control run \u2014 Pearson: "
-        + (_fmt(net_p) if net_p else NOT_COMPUTED) + ".",
-        "Koh & Liang report 0.86 for their CNN.",
-    ]
-    _bullets(text, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.5)
+    convex = val.get("loo_convex_pearson")
+    network = val.get("loo_network_pearson")
+    items = ["Remove one training image, retrain, compare the change in test loss with the prediction."]
+    items.append(f"Last layer as logistic regression, exact Hessian, {_count(_n_of(val, 'loo_convex'))} "
+                 f"images \u2014 Pearson per test image: {_fmt(convex) if convex else NOT_COMPUTED}.")
+    items.append(f"Whole network, {_count(_n_of(val, 'loo_network'))}-image subset, retrained minus a "
+                 f"control run \u2014 Pearson: {_per_solver(network) if network else NOT_COMPUTED}.")
+    items.append("Koh & Liang report 0.86 for their CNN.")
+    _bullets(text, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
     return title, fig
 
 
@@ -379,40 +418,61 @@ def flipped_slide(inputs, config):
     if isinstance(val, Missing):
         _not_computed(body, val)
         return title, fig
-    left, right = body.subfigures(1, 2, width_ratios=[1, 1.15])
-    curves = _flip_curves(val)
+    left, right = body.subfigures(1, 2, width_ratios=[1, 1.2])
+    curves = flip_curves(val)
     if curves:
         plots.plot_fraction_found(curves, ax=left.subplots(), title="10% of labels flipped")
     else:
         _not_computed(left, f"fraction-found curves \u2014 run: {COMMANDS['validation']}")
-    flips = [val.get("sign_flipped_to_correct")]
+    n_flip = _n_of(val, "flipped")
     items = [
-        f"Self-influence finds {_pct(val.get('flipped_found_at_10'))} of flipped labels after "
-        f"checking 10% of the data, {_pct(val.get('flipped_found_at_20'))} after 20% "
-        f"(training loss: {_pct(val.get('loss_found_at_20'))}); ROC-AUC "
-        f"{_fmt(val.get('flipped_auc'))}.",
-        "Misclassified test images, 100 training images removed, retrained \u2014 change in test loss:",
-        f"most harmful removed: {_fmt(val.get('sign_harmful_removed_delta'), '+.3f')} "
-        "(should fall)",
-        f"most helpful removed: {_fmt(val.get('sign_helpful_removed_delta'), '+.3f')} "
-        "(should rise)",
+        f"Flipped labels ({_count(n_flip)} training images): self-influence finds "
+        f"{_pct(val.get('flipped_found_at_10'))} after checking 10% of the data, "
+        f"{_pct(val.get('flipped_found_at_20'))} after 20% (training loss: "
+        f"{_pct(val.get('loss_found_at_20'))}); ROC-AUC {_fmt(val.get('flipped_auc'))}"
+        + (f" (loss: {_fmt(val['loss_auc'])})." if val.get("loss_auc") is not None else "."),
     ]
-    if flips[0] is not None:
-        items.append(f"test images flipped to correct: {_fmt(flips[0], '.0f')}")
-    _bullets(right, items, fontsize=SMALL_PT + 2, top=0.96, gap=0.5)
+    sign = (val.get("settings") or {}).get("sign") or {}
+    n_remove, n_test = sign.get("n_remove"), val.get("sign_n_test")
+    items.append(
+        f"The sign: for {_fmt(n_test, '.0f') if n_test is not None else 'the'} misclassified test "
+        f"images, remove the {(_fmt(n_remove, '.0f') + ' ') if n_remove is not None else ''}training images "
+        "ranked most harmful (or most helpful) and retrain. Mean change in test loss:")
+    items.append(f"most harmful removed: {_fmt(val.get('sign_harmful_removed_delta'), '+.3f')} "
+                 "(should fall)" + (f"; fell for {val['sign_harmful_removed_fell']} of {n_test}"
+                                    if val.get("sign_harmful_removed_fell") is not None and n_test else ""))
+    items.append(f"most helpful removed: {_fmt(val.get('sign_helpful_removed_delta'), '+.3f')} "
+                 "(should rise)" + (f"; rose for {val['sign_helpful_removed_rose']} of {n_test}"
+                                    if val.get("sign_helpful_removed_rose") is not None and n_test else ""))
+    if val.get("sign_flipped_to_correct") is not None:
+        items.append(f"test images now classified correctly: {_fmt(val['sign_flipped_to_correct'], '.0f')}"
+                     + (f" of {n_test}" if n_test else ""))
+    _bullets(right, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
     return title, fig
 
 
-def _flip_curves(val) -> dict:
+def flip_curves(val) -> dict:
+    """Fraction-found curves, name -> (fraction checked, fraction found), from the npz keys
+    ``flipped_<name>_checked`` / ``flipped_<name>_found`` (names like ``self_influence``,
+    ``training_loss``, ``random``), or inline ``flipped_curves`` (name -> [checked, found])."""
+    if isinstance(val, Missing) or not isinstance(val, dict):
+        return {}
     curves = val.get("flipped_curves")
     if isinstance(curves, dict) and curves:
         return {k: (np.asarray(v[0], float), np.asarray(v[1], float)) for k, v in curves.items()}
     arrays = val.get("_arrays", {})
-    if "flipped_checked" in arrays:
-        x = arrays["flipped_checked"]
-        return {k[len("flipped_found_"):].replace("_", " "): (x, arrays[k])
-                for k in sorted(arrays) if k.startswith("flipped_found_")}
-    return {}
+    out = {}
+    for key in arrays:
+        if key.startswith("flipped_") and key.endswith("_found"):
+            name = key[len("flipped_"):-len("_found")]
+            if f"flipped_{name}_checked" in arrays:
+                out[name.replace("_", "-" if name == "self_influence" else " ")] = (
+                    np.asarray(arrays[f"flipped_{name}_checked"], float), np.asarray(arrays[key], float))
+    order = {"self-influence": 0, "training loss": 1, "random": 2}
+    return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
+
+
+_flip_curves = flip_curves  # the name the notebook's helpers first used
 
 
 # --------------------------------------------------------------------------------------------

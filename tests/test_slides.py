@@ -51,19 +51,31 @@ def _write_results(root, data):
                                   "helpful": top(1), "harmful": top(-1)} for i, p in tests]}
     (results / "influence.json").write_text(json.dumps(influence))
 
+    # the format of validation.summarize: arrays in an npz named by the JSON
     x = rng.normal(size=(3, 20)) * 1e-3
     grid = np.linspace(0, 1, 51)
-    np.savez(results / "validation_arrays.npz", loo_convex_predicted=x,
-             loo_convex_actual=x + 1e-4 * rng.normal(size=x.shape), flipped_checked=grid,
-             flipped_found_self_influence=grid ** 0.3, flipped_found_training_loss=grid ** 0.6,
-             flipped_found_random=grid)
-    validation = {"loo_convex_pearson": [0.987, 0.976, 0.964],
-                  "loo_network_pearson": {"cg": [0.912, 0.871, 0.853]},
-                  "loo_network_spearman": {"cg": [0.9, 0.8, 0.7]},
+    arrays = {}
+    for k in range(3):
+        arrays[f"loo_convex_predicted_{k}"] = x[k]
+        arrays[f"loo_convex_actual_{k}"] = x[k] + 1e-4 * rng.normal(size=20)
+        arrays[f"loo_network_actual_{k}"] = x[k] + 3e-4 * rng.normal(size=20)
+        for solver in ("cg", "fast"):
+            arrays[f"loo_network_predicted_{solver}_{k}"] = x[k]
+    for name, power in (("self_influence", 0.3), ("training_loss", 0.6), ("random", 1.0)):
+        arrays[f"flipped_{name}_checked"] = grid
+        arrays[f"flipped_{name}_found"] = grid ** power
+    np.savez(results / "validation_arrays.npz", **arrays)
+    validation = {"loo_convex_pearson": [0.987, 0.976, 0.964], "loo_convex_test_indices": [0, 1, 2],
+                  "loo_network_pearson": {"cg": [0.912, 0.871, 0.853], "fast": [0.9, 0.8, 0.7]},
+                  "loo_network_spearman": {"cg": [0.9, 0.8, 0.7], "fast": [0.9, 0.8, 0.7]},
+                  "loo_network_test_indices": [0, 1, 2],
                   "flipped_found_at_10": 0.61, "flipped_found_at_20": 0.83, "flipped_auc": 0.917,
-                  "loss_found_at_20": 0.52, "sign_harmful_removed_delta": -0.4567,
-                  "sign_helpful_removed_delta": 0.789, "minutes": {"flipped": 3.0},
-                  "data_source": data.source, "n_train": N_TRAIN, "arrays": "validation_arrays.npz"}
+                  "loss_found_at_20": 0.52, "loss_auc": 0.7, "sign_harmful_removed_delta": -0.4567,
+                  "sign_helpful_removed_delta": 0.789, "sign_n_test": 10, "sign_harmful_removed_fell": 9,
+                  "sign_helpful_removed_rose": 10, "sign_flipped_to_correct": 4,
+                  "settings": {"sign": {"n_remove": 100}}, "minutes": {"flipped": 3.0},
+                  "data_source": data.source, "arrays": "validation_arrays.npz",
+                  "n_train": {"loo_convex": N_TRAIN, "loo_network": 100, "flipped": N_TRAIN, "sign": 100}}
     (results / "validation.json").write_text(json.dumps(validation))
     bench = root / "engine.json"
     bench.write_text(json.dumps({
@@ -96,7 +108,8 @@ def test_deck_has_every_slide_with_the_results_numbers(deck):
     for expected in ("Influence over inference", "Test image #5", "Test image #12",
                      "0.99, 0.98, 0.96",  # convex leave-one-out Pearson, rounded
                      "83%",  # flipped labels found at 20% checked
-                     "-0.457", "+0.789",  # the sign by retraining
+                     "-0.457", "+0.789", "fell for 9 of 10",  # the sign by retraining
+                     "cg: 0.91, 0.87, 0.85",  # whole-network leave-one-out, per solver
                      "312", "1,999 MB",  # speedup and peak RSS
                      "43%",  # test accuracy
                      "fastsolver", "JPEG copy"):
