@@ -190,6 +190,13 @@ def plot_influence(test_image, test_label: int, test_pred: int, classes: Sequenc
     return _root(fig)
 
 
+def format_correlation(r: float) -> str:
+    """Two decimals, or four when two would round a near-perfect correlation up to 1.00."""
+    if not np.isfinite(r):
+        return "n/a"
+    return f"{r:.4f}" if abs(r) >= 0.995 and abs(r) < 1.0 else f"{r:.2f}"
+
+
 def _pearson(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 2 or np.std(x) == 0 or np.std(y) == 0:
         return float("nan")
@@ -218,7 +225,7 @@ def plot_loo_scatter(predicted, actual, ax: Axes | None = None, title: str | Non
     # show values in units of 10^e so tick labels stay short and no offset text is needed
     peak = np.abs(np.concatenate([x[finite], y[finite]])).max() if finite.any() else 0.0
     e = int(np.floor(np.log10(peak))) if peak > 0 else 0
-    e = e if not -2 <= e <= 2 else 0
+    e = e if not -1 <= e <= 2 else 0
     unit = 10.0 ** e
     xs, ys = x / unit, y / unit
     ax.scatter(xs, ys, s=22, alpha=0.8, label=label)
@@ -232,8 +239,12 @@ def plot_loo_scatter(predicted, actual, ax: Axes | None = None, title: str | Non
     scale = f" (\u00d710$^{{{e}}}$)" if e else ""
     ax.set_xlabel(f"predicted change in test loss{scale}")
     ax.set_ylabel(f"actual change, retrained{scale}")
-    stats = (f"Pearson {_pearson(x[finite], y[finite]):.2f}, "
-             f"Spearman {_spearman(x[finite], y[finite]):.2f}")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(5, prune="lower"))  # keep the corner for the y labels
+    ax.yaxis.set_major_locator(MaxNLocator(6))
+    stats = (f"Pearson {format_correlation(_pearson(x[finite], y[finite]))}, "
+             f"Spearman {format_correlation(_spearman(x[finite], y[finite]))}")
     ax.set_title(f"{title}\n{stats}" if title else stats)
     return fig
 

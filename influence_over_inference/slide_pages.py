@@ -50,12 +50,23 @@ def _fmt(value, spec: str = ".2f", missing: str = NOT_COMPUTED) -> str:
     return format(v, spec)
 
 
-def _pct(value) -> str:
+def _corr(value) -> str:
+    """Correlations: one number, a list, or solver -> list (see plots.format_correlation)."""
+    if value is None:
+        return NOT_COMPUTED
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_corr(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_corr(v) for v in value)
+    return plots.format_correlation(float(value))
+
+
+def _pct(value, decimals: int = 0) -> str:
     if value is None:
         return NOT_COMPUTED
     if isinstance(value, (list, tuple)):
-        return ", ".join(_pct(v) for v in value)
-    return f"{100 * float(value):.0f}%"
+        return ", ".join(_pct(v, decimals) for v in value)
+    return f"{100 * float(value):.{decimals}f}%"
 
 
 def _footer(*parts) -> str:
@@ -201,7 +212,8 @@ def model_slide(inputs, config):
     title = "The model: nimarb's CIFAR-10 LeNet"
     train = inputs.train
     fig, body = _new_page(title, _footer("results/train.json", _source(train)))
-    left, right = body.subfigures(1, 2, width_ratios=[1.15, 1])
+    left, right = body.subfigures(1, 2, width_ratios=[1.2, 1])
+    text, history = left.subfigures(2, 1, height_ratios=[1.25, 1])
     net = Net()
     conv = [m for m in (net.conv1, net.conv2)]
     fcs = [net.fc1, net.fc2, net.fc3]
@@ -219,9 +231,9 @@ def model_slide(inputs, config):
             f"{' cosine' if rc.get('cosine') else ''}, momentum {rc.get('momentum', '?')}, weight "
             f"decay {rc.get('weight_decay', '?')}, batch {rc.get('batch_size', '?')}, seed "
             f"{rc.get('seed', '?')}.")
-        items.append(f"Test accuracy: {_pct(train.get('test_accuracy'))} on "
+        items.append(f"Test accuracy: {_pct(train.get('test_accuracy'), 1)} on "
                      f"{len(inputs.data.test):,} test images." if inputs.data is not None else
-                     f"Test accuracy: {_pct(train.get('test_accuracy'))}.")
+                     f"Test accuracy: {_pct(train.get('test_accuracy'), 1)}.")
         if train.get("seconds_per_epoch") is not None:
             items.append(f"{_fmt(train['seconds_per_epoch'], '.1f')} s per epoch on "
                          f"{train.get('device', 'the CPU')} ({_fmt(train.get('n_train'), ',.0f')} images).")
@@ -230,7 +242,9 @@ def model_slide(inputs, config):
                                           title="test accuracy per class")
         else:
             _not_computed(right, "per-class accuracy")
-    _bullets(left, items, top=0.95, gap=0.6)
+        if train.get("history"):
+            plots.plot_training_history(train["history"], fig=history)
+    _bullets(text, items, fontsize=BODY_PT - 2, top=0.97, gap=0.35)
     return title, fig
 
 
@@ -373,12 +387,6 @@ def _count(n: int | None) -> str:
     return f"{n:,}" if n else "?"
 
 
-def _per_solver(values) -> str:
-    if not isinstance(values, dict):
-        return _fmt(values)
-    return "; ".join(f"{name}: {_fmt(v)}" for name, v in values.items())
-
-
 def loo_slide(inputs, config):
     title = "Does influence predict retraining?"
     val = inputs.validation
@@ -403,9 +411,10 @@ def loo_slide(inputs, config):
     network = val.get("loo_network_pearson")
     items = ["Remove one training image, retrain, compare the change in test loss with the prediction."]
     items.append(f"Last layer as logistic regression, exact Hessian, {_count(_n_of(val, 'loo_convex'))} "
-                 f"images \u2014 Pearson per test image: {_fmt(convex) if convex else NOT_COMPUTED}.")
-    items.append(f"Whole network, {_count(_n_of(val, 'loo_network'))}-image subset, retrained minus a "
-                 f"control run \u2014 Pearson: {_per_solver(network) if network else NOT_COMPUTED}.")
+                 f"images \u2014 Pearson per test image: {_corr(convex) if convex else NOT_COMPUTED}.")
+    n_net = _n_of(val, "loo_network")
+    items.append(f"Whole network{f', {n_net:,}-image subset' if n_net else ''}, retrained minus a "
+                 f"control run \u2014 Pearson: {_corr(network) if network else NOT_COMPUTED}.")
     items.append("Koh & Liang report 0.86 for their CNN.")
     _bullets(text, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
     return title, fig
@@ -425,28 +434,37 @@ def flipped_slide(inputs, config):
     else:
         _not_computed(left, f"fraction-found curves \u2014 run: {COMMANDS['validation']}")
     n_flip = _n_of(val, "flipped")
-    items = [
-        f"Flipped labels ({_count(n_flip)} training images): self-influence finds "
-        f"{_pct(val.get('flipped_found_at_10'))} after checking 10% of the data, "
-        f"{_pct(val.get('flipped_found_at_20'))} after 20% (training loss: "
-        f"{_pct(val.get('loss_found_at_20'))}); ROC-AUC {_fmt(val.get('flipped_auc'))}"
-        + (f" (loss: {_fmt(val['loss_auc'])})." if val.get("loss_auc") is not None else "."),
-    ]
+    cmd = COMMANDS["validation"].rsplit(" ", 1)[0]  # "... validate"
+    if val.get("flipped_found_at_20") is None:
+        items = [f"Flipped labels: {NOT_COMPUTED} \u2014 run: {cmd} flipped"]
+    else:
+        items = [
+            f"Flipped labels ({_count(n_flip)} training images): self-influence finds "
+            f"{_pct(val.get('flipped_found_at_10'))} after checking 10% of the data, "
+            f"{_pct(val.get('flipped_found_at_20'))} after 20% (training loss: "
+            f"{_pct(val.get('loss_found_at_20'))}); ROC-AUC {_fmt(val.get('flipped_auc'))}"
+            + (f" (loss: {_fmt(val['loss_auc'])})." if val.get("loss_auc") is not None else "."),
+        ]
     sign = (val.get("settings") or {}).get("sign") or {}
     n_remove, n_test = sign.get("n_remove"), val.get("sign_n_test")
-    items.append(
-        f"The sign: for {_fmt(n_test, '.0f') if n_test is not None else 'the'} misclassified test "
-        f"images, remove the {(_fmt(n_remove, '.0f') + ' ') if n_remove is not None else ''}training images "
-        "ranked most harmful (or most helpful) and retrain. Mean change in test loss:")
-    items.append(f"most harmful removed: {_fmt(val.get('sign_harmful_removed_delta'), '+.3f')} "
-                 "(should fall)" + (f"; fell for {val['sign_harmful_removed_fell']} of {n_test}"
-                                    if val.get("sign_harmful_removed_fell") is not None and n_test else ""))
-    items.append(f"most helpful removed: {_fmt(val.get('sign_helpful_removed_delta'), '+.3f')} "
-                 "(should rise)" + (f"; rose for {val['sign_helpful_removed_rose']} of {n_test}"
-                                    if val.get("sign_helpful_removed_rose") is not None and n_test else ""))
-    if val.get("sign_flipped_to_correct") is not None:
-        items.append(f"test images now classified correctly: {_fmt(val['sign_flipped_to_correct'], '.0f')}"
-                     + (f" of {n_test}" if n_test else ""))
+    if val.get("sign_harmful_removed_delta") is None:
+        items.append(f"The sign by retraining: {NOT_COMPUTED} \u2014 run: {cmd} sign")
+    else:
+        items.append(
+            f"The sign: for {_fmt(n_test, '.0f') if n_test is not None else 'the'} misclassified test "
+            f"images, remove the {(_fmt(n_remove, '.0f') + ' ') if n_remove is not None else ''}training "
+            f"images ranked most harmful (or most helpful) and retrain"
+            + (f" ({_count(_n_of(val, 'sign'))}-image model)" if _n_of(val, "sign") else "")
+            + ". Mean change in test loss:")
+        items.append(f"most harmful removed: {_fmt(val.get('sign_harmful_removed_delta'), '+.3f')} "
+                     "(should fall)" + (f"; fell for {val['sign_harmful_removed_fell']} of {n_test}"
+                                        if val.get("sign_harmful_removed_fell") is not None and n_test else ""))
+        items.append(f"most helpful removed: {_fmt(val.get('sign_helpful_removed_delta'), '+.3f')} "
+                     "(should rise)" + (f"; rose for {val['sign_helpful_removed_rose']} of {n_test}"
+                                        if val.get("sign_helpful_removed_rose") is not None and n_test else ""))
+        if val.get("sign_flipped_to_correct") is not None:
+            items.append(f"test images now classified correctly: {_fmt(val['sign_flipped_to_correct'], '.0f')}"
+                         + (f" of {n_test}" if n_test else ""))
     _bullets(right, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
     return title, fig
 

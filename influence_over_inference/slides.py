@@ -36,6 +36,7 @@ PAGE_INCHES = (13.333, 7.5)  # 16:9, the size of a PowerPoint widescreen slide
 TITLE_PT = 32
 BODY_PT = 20
 SMALL_PT = 16  # the smallest text on any page
+PDF_DPI = 72  # matplotlib's PDF backend lays text out at 72 dpi
 UPSCALE = 8  # 32x32 images are embedded as 256x256 (each pixel repeated 8x8)
 FIGURE_RC = {
     "font.size": SMALL_PT, "axes.titlesize": SMALL_PT, "axes.labelsize": SMALL_PT,
@@ -320,11 +321,16 @@ def freeze_layout(fig: Figure, decimals: int = 4) -> None:
 
 def layout_problems(fig: Figure) -> list[str]:
     """Text on a drawn page that is cut off by the page edge or overlaps other text."""
+    # tick locators read rcParams (tick label size) when asked: ask under the deck's settings
+    with matplotlib.rc_context(FIGURE_RC):
+        return _layout_problems(fig)
+
+
+def _layout_problems(fig: Figure) -> list[str]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     canvas = FigureCanvasAgg(fig)
-    with matplotlib.rc_context(FIGURE_RC):
-        canvas.draw()
+    canvas.draw()
     renderer = canvas.get_renderer()
     page = fig.bbox
     boxes = []
@@ -416,6 +422,7 @@ def write_pdf(pages: list[tuple[str, Figure]], out: str | os.PathLike) -> Path:
     try:
         with matplotlib.rc_context(FIGURE_RC), PdfPages(tmp, metadata=metadata) as pdf:
             for _, fig in pages:
+                fig.set_dpi(PDF_DPI)  # lay out (and later check) at the resolution the PDF uses
                 if fig.get_layout_engine() is not None:
                     freeze_layout(fig)
                 pdf.savefig(fig)
