@@ -111,7 +111,7 @@ def test_deck_has_every_slide_with_the_results_numbers(deck):
                      "-0.457", "+0.789", "fell for 9 of 10",  # the sign by retraining
                      "cg: 0.91, 0.87, 0.85",  # whole-network leave-one-out, per solver
                      "312", "1,999 MB",  # speedup and peak RSS
-                     "43%",  # test accuracy
+                     "43.2%",  # test accuracy
                      "fastsolver", "JPEG copy"):
         assert expected in " ".join(everything.split()), expected
     assert "not computed" not in pages[1]
