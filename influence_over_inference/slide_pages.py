@@ -24,6 +24,9 @@ from .slides import (
 )
 
 NOT_COMPUTED = "not computed"
+# Solver settings worth a mention on a slide, in this order (the rest stay in the results file).
+SOLVER_KEYS = ("curvature", "damping", "rank", "n_samples", "scale", "depth", "r", "batch_size",
+               "tol", "max_iter")
 
 
 def _get(result, key, default=None):
@@ -263,12 +266,14 @@ def method_slide(inputs, config):
         "test image. grad_z = \u2207L(z\u2c7c): one gradient per training image, computed in "
         "vectorised chunks and dotted with every s_test at once.",
         "H: curvature of the mean training loss plus weight decay (Hessian, or Gauss-Newton); "
-        "\u03bb: damping. Solvers: exact (small models), conjugate gradient, LiSSA (done right), "
-        "and a fast solver that fits the curvature once for many test images.",
+        "\u03bb: damping. Solvers: exact (small models), conjugate gradient, LiSSA (done right), and "
+        "a fast one: the top eigenpairs of the Gauss-Newton matrix, fitted once on a training "
+        "subsample, inverted exactly there and as 1/(weight decay + \u03bb) elsewhere.",
     ]
     if solver:
-        settings = ", ".join(f"{k} {v}" for k, v in solver.items() if k != "name")
-        items.append(f"Used for the results: {solver.get('name', 'solver')}"
+        shown = [(k, solver[k]) for k in SOLVER_KEYS if solver.get(k) is not None]
+        settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown)
+        items.append(f"Used for the results: {solver.get('name', solver.get('solver', 'solver'))}"
                      + (f" ({settings})" if settings else "") + ".")
     _bullets(body, items, fontsize=BODY_PT - 1, top=0.72, gap=0.45)
     return title, fig
