@@ -320,7 +320,8 @@ def freeze_layout(fig: Figure, decimals: int = 4) -> None:
 
 
 def layout_problems(fig: Figure) -> list[str]:
-    """Text on a drawn page that is cut off by the page edge or overlaps other text."""
+    """Text on a drawn page that is cut off by the page edge, overlaps other text, or is smaller
+    than ``SMALL_PT`` (too small to read when projected)."""
     # tick locators read rcParams (tick label size) when asked: ask under the deck's settings
     with matplotlib.rc_context(FIGURE_RC):
         return _layout_problems(fig)
@@ -341,6 +342,8 @@ def _layout_problems(fig: Figure) -> list[str]:
         label = t.get_text().strip().replace("\n", " ")[:40]
         cut = box.x0 < page.x0 - 1 or box.y0 < page.y0 - 1 or box.x1 > page.x1 + 1 or box.y1 > page.y1 + 1
         boxes.append((box, label, f"cut off: {label!r}" if cut else None))
+        if t.get_fontsize() < SMALL_PT - 1e-9:
+            boxes[-1] = (box, label, (boxes[-1][2] or "") + f"too small ({t.get_fontsize():g} pt): {label!r}")
     problems = [msg for _, _, msg in boxes if msg]
     for i in range(len(boxes)):
         for j in range(i + 1, len(boxes)):

@@ -146,3 +146,20 @@ def test_missing_results_give_not_computed_slides(tmp_path, data):
                     "validate all", "bench/engine.py"):
         assert command in joined, command
     assert joined.count("not computed") >= 5
+
+
+def test_layout_check_finds_small_overlapping_and_cut_off_text():
+    from matplotlib.figure import Figure
+
+    from influence_over_inference.slides import PAGE_INCHES, layout_problems
+
+    fig = Figure(figsize=PAGE_INCHES)
+    fig.text(0.5, 0.5, "readable", fontsize=20)
+    fig.text(0.5, 0.5, "on top of it", fontsize=20)
+    fig.text(0.99, 0.2, "runs off the page", fontsize=20)
+    fig.text(0.1, 0.1, "tiny", fontsize=8)
+    problems = layout_problems(fig)
+    assert "overlap: 'readable' and 'on top of it'" in problems
+    assert "cut off: 'runs off the page'" in problems
+    assert "too small (8 pt): 'tiny'" in problems
+    assert len(problems) == 3
