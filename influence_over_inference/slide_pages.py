@@ -433,13 +433,13 @@ def flipped_slide(inputs, config):
         _not_computed(body, val)
         return title, fig
     left, right = body.subfigures(1, 2, width_ratios=[1, 1.2])
+    cmd = COMMANDS["validation"].rsplit(" ", 1)[0]  # "... validate"
     curves = flip_curves(val)
     if curves:
         plots.plot_fraction_found(curves, ax=left.subplots(), title="10% of labels flipped")
     else:
-        _not_computed(left, f"fraction-found curves \u2014 run: {COMMANDS['validation']}")
+        _not_computed(left, f"fraction-found curves \u2014 run: {cmd} flipped")
     n_flip = _n_of(val, "flipped")
-    cmd = COMMANDS["validation"].rsplit(" ", 1)[0]  # "... validate"
     if val.get("flipped_found_at_20") is None:
         items = [f"Flipped labels: {NOT_COMPUTED} \u2014 run: {cmd} flipped"]
     else:
