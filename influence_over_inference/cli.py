@@ -104,6 +104,7 @@ def _registered():
 
 # Modules that add subcommands (influence, validation, slides, ...), each with register(subparsers).
 COMMAND_MODULES: list[str] = [
+    "influence",
     "notebook",
     "slides",
     "validation",

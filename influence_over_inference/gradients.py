@@ -249,12 +249,31 @@ def _module_sample_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) ->
         if module.bias is not None:
             out["bias"] = g2.sum(1)
         return out
-    unfolded = nn.functional.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)  # (B, Cin*kh*kw, L)
+    unfolded = _unfold(a, module)  # (B, Cin*kh*kw, L)
     g2 = g.reshape(b, g.shape[1], -1)  # (B, Cout, L)
     out = {"weight": torch.bmm(g2, unfolded.transpose(1, 2))}  # (B, Cout, Cin*kh*kw)
     if module.bias is not None:
         out["bias"] = g2.sum(2)
     return out
+
+
+def _unfold(a: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
+    """``nn.functional.unfold`` as a strided view copied once: (B, Cin, H, W) -> (B, Cin*kh*kw, Ho*Wo).
+
+    Same numbers; several times faster than ``im2col`` on a busy multi-threaded CPU.
+    """
+    ph, pw = module.padding
+    if ph or pw:
+        a = nn.functional.pad(a, (pw, pw, ph, ph))
+    a = a.contiguous()
+    b, c, h, w = a.shape
+    kh, kw = module.kernel_size
+    sh, sw = module.stride
+    dh, dw = module.dilation
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    st = a.stride()
+    view = a.as_strided((b, c, kh, kw, ho, wo), (st[0], st[1], st[2] * dh, st[3] * dw, st[2] * sh, st[3] * sw))
+    return view.reshape(b, c * kh * kw, ho * wo)
 
 
 def class_gradients(

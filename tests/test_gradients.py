@@ -126,3 +126,13 @@ def test_models_with_other_layers_fall_back_to_vmap():
     model = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3)).to(DTYPE).eval()
     x, y = blobs(5, (6,), 3, seed=5)
     assert torch.allclose(grad_z(model, x, y), loop_grads(model, x, y), atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2), dict(padding=2, dilation=2), dict(padding=(1, 0), stride=(1, 2))])
+def test_conv_per_sample_gradients_with_stride_padding_dilation(kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, **kw), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).to(DTYPE)
+    x, y = blobs(5, (3, 9, 9), 3, seed=6)
+    model(x)  # materialise the lazy layer
+    model.eval()
+    assert torch.allclose(grad_z(model, x, y, method="hooks"), loop_grads(model, x, y), atol=EXACT, rtol=0)
