@@ -283,7 +283,11 @@ def _influence_page(inputs, config, item, number):
     data = inputs.data
     label, pred, index = int(item["label"]), int(item["pred"]), int(item["index"])
     verdict = "correct" if label == pred else f"predicted {CLASSES[pred]}"
-    title = f"Test image #{index} ({CLASSES[label]}, {verdict})"
+    note = item.get("note") or ""
+    if note and len(note) <= 30:  # why the notebook chose it, when it fits on the title line
+        title = f"Test image #{index}: {note}"
+    else:
+        title = f"Test image #{index} ({CLASSES[label]}, {verdict})"
     solver = (_get(inputs.influence, "solver", None) or {}).get("name")
     n = _get(inputs.influence, "n_train", None)
     footer = _footer("results/influence.json",

@@ -49,6 +49,7 @@ def _write_results(root, data):
                  "solver": {"name": "fastsolver", "damping": 0.001},
                  "test_images": [{"index": i, "label": int(data.test.labels[i]), "pred": p,
                                   "helpful": top(1), "harmful": top(-1)} for i, p in tests]}
+    influence["test_images"][0]["note"] = "a correctly classified dog"
     (results / "influence.json").write_text(json.dumps(influence))
 
     # the format of validation.summarize: arrays in an npz named by the JSON
@@ -105,7 +106,8 @@ def test_deck_has_every_slide_with_the_results_numbers(deck):
     assert len(pages) == len(titles) == 14  # 11 fixed slides + one per test image (3)
     assert problems == []  # nothing cut off, no text overlapping
     everything = "\n".join(pages)
-    for expected in ("Influence over inference", "Test image #5", "Test image #12",
+    for expected in ("Influence over inference", "Test image #5: a correctly classified dog",
+                     "Test image #12 (bird, predicted deer)",
                      "0.99, 0.98, 0.96",  # convex leave-one-out Pearson, rounded
                      "83%",  # flipped labels found at 20% checked
                      "-0.457", "+0.789", "fell for 9 of 10",  # the sign by retraining
