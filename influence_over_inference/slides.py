@@ -164,7 +164,8 @@ def load_validation(path: str | os.PathLike = "results/validation.json"):
     ``flipped_found_at_20``, ``flipped_auc``, ``loss_found_at_20``,
     ``sign_harmful_removed_delta``, ``sign_helpful_removed_delta``, ``sign_flipped_to_correct``,
     ``data_source``, ``n_train``; and the arrays for the figures, either inline or in an npz
-    named by ``"arrays"`` (a path relative to the JSON file or to the working directory):
+    named by ``"arrays"`` (a path relative to the JSON file or to the working directory, or a file
+    of that name beside the JSON):
     ``loo_convex_predicted`` / ``loo_convex_actual`` and ``loo_network_predicted`` /
     ``loo_network_actual`` (one row per test image), ``flipped_curves`` (name -> [fraction
     checked, fraction found]) or npz keys ``flipped_checked`` and ``flipped_found_<name>``.
@@ -174,7 +175,7 @@ def load_validation(path: str | os.PathLike = "results/validation.json"):
         return result
     arrays = result.get("arrays")
     if isinstance(arrays, str):
-        for candidate in (Path(path).parent / arrays, Path(arrays)):
+        for candidate in (Path(path).parent / arrays, Path(arrays), Path(path).parent / Path(arrays).name):
             if candidate.is_file():
                 with np.load(candidate, allow_pickle=False) as npz:
                     result["_arrays"] = {key: npz[key] for key in npz.files}
