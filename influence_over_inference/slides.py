@@ -138,12 +138,16 @@ def load_influence_results(path: str | os.PathLike = "results/influence.json"):
 
     Training images are looked up by index in ``load_cifar10().train`` (never stored here), and
     their labels too. Raises nothing for a missing file; a file without ``test_images`` or with
-    malformed entries is reported as unreadable.
+    malformed entries is reported as unreadable. The report of ``python -m
+    influence_over_inference influence`` (``tests`` entries with ``test_index``, ``label`` and
+    ``predicted`` class names) is read as well.
     """
     result = _read_json(Path(path), "influence results", COMMANDS["influence"])
     if isinstance(result, Missing):
         return result
     try:
+        if "test_images" not in result and "tests" in result:
+            result = _from_influence_cli(result)
         for item in result["test_images"]:
             int(item["index"]), int(item["label"]), int(item["pred"])
             for key in ("helpful", "harmful"):
@@ -153,6 +157,22 @@ def load_influence_results(path: str | os.PathLike = "results/influence.json"):
         return Missing("influence results", path, COMMANDS["influence"],
                        reason=f"malformed ({type(error).__name__}: {error})")
     return result
+
+
+def _from_influence_cli(report: dict) -> dict:
+    """The ``influence`` command's report (``tests`` with ``test_index`` and class names) in the
+    notebook's format above, so the slides read either."""
+    from .data import CLASSES
+
+    def cls(v):
+        return CLASSES.index(v) if isinstance(v, str) else int(v)
+
+    out = {k: v for k, v in report.items() if k != "tests"}
+    solver = report.get("solver") or {}
+    out["solver"] = {"name": solver.get("solver", solver.get("name")), **solver}
+    out["test_images"] = [{"index": int(t["test_index"]), "label": cls(t["label"]), "pred": cls(t["predicted"]),
+                           "helpful": t["helpful"], "harmful": t["harmful"]} for t in report["tests"]]
+    return out
 
 
 def load_validation(path: str | os.PathLike = "results/validation.json"):

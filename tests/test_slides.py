@@ -165,3 +165,21 @@ def test_layout_check_finds_small_overlapping_and_cut_off_text():
     assert "cut off: 'runs off the page'" in problems
     assert "too small (8 pt): 'tiny'" in problems
     assert len(problems) == 3
+
+
+def test_influence_loader_reads_the_cli_report_and_flags_malformed_files(tmp_path):
+    from influence_over_inference.slides import Missing, load_influence_results
+
+    report = {"data_source": "x", "n_train": 10, "solver": {"solver": "cg", "damping": 0.01},
+              "tests": [{"test_index": 7, "label": "dog", "predicted": "cat",
+                         "helpful": [{"index": 1, "class": "dog", "score": 0.5}],
+                         "harmful": [{"index": 2, "class": "cat", "score": -0.5}]}]}
+    path = tmp_path / "influence.json"
+    path.write_text(json.dumps(report))
+    result = load_influence_results(path)
+    assert result["test_images"][0] == {"index": 7, "label": 5, "pred": 3, "helpful": report["tests"][0]["helpful"],
+                                        "harmful": report["tests"][0]["harmful"]}
+    assert result["solver"]["name"] == "cg"
+    path.write_text(json.dumps({"test_images": [{"index": 1}]}))
+    assert isinstance(load_influence_results(path), Missing)
+    assert "malformed" in load_influence_results(path).message()
