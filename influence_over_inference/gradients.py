@@ -241,6 +241,91 @@ def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers) -> list[t
     return results
 
 
+def grad_dot(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    vectors: torch.Tensor,
+    layers: Sequence[str] | str | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z(x, y) @ vectors.T, squared norms of grad_z rows)``: (N, K) and (N,), memory-light.
+
+    Equal to forming :func:`grad_z` and multiplying, but for an ``nn.Linear`` layer the per-sample
+    gradient ``g a^T`` is never built: ``<V, g a^T> = g^T V a`` and ``||g a^T||^2 = ||g||^2 ||a||^2``
+    (the "ghost" identities; Goodfellow 2015). This is what streams 50,000 training images
+    against many ``s_test`` vectors quickly. Falls back to :func:`grad_z` for other models.
+    """
+    check_inputs(x, y, what="grad_dot")
+    p_total = count_selected(model, layers)
+    if vectors.ndim != 2 or vectors.shape[1] != p_total:
+        raise ValueError(f"vectors must have shape (K, {p_total}), got {tuple(vectors.shape)}")
+    if not _hooks_supported(model, layers):
+        g = grad_z(model, x, y, layers, chunk_size)
+        return g @ vectors.T, (g * g).sum(1)
+    was_training = model.training
+    model.eval()
+    try:
+        dots, norms = [], []
+        for start in range(0, len(x), chunk_size):
+            d, n = _hook_dots(model, x[start : start + chunk_size], y[start : start + chunk_size], vectors, layers)
+            dots.append(d)
+            norms.append(n)
+        return torch.cat(dots), torch.cat(norms)
+    finally:
+        model.train(was_training)
+
+
+def _hook_dots(model, x, y, vectors, layers):
+    params = select_parameters(model, layers)
+    modules = dict(model.named_modules())
+    owners = list(dict.fromkeys(name.rpartition(".")[0] for name in params))
+    inputs, outputs = {}, {}
+
+    def hook_for(mod_name):
+        def hook(module, args, output):
+            if mod_name in inputs:
+                raise RuntimeError(f"layer {mod_name} called more than once per forward pass; use grad_z(method='vmap')")
+            inputs[mod_name] = args[0].detach()
+            outputs[mod_name] = output
+
+        return hook
+
+    handles = [modules[m].register_forward_hook(hook_for(m)) for m in owners]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    cot = _label_cotangent(y)(logits.detach())
+    grads_out = dict(zip(owners, torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot), strict=True))
+    per_param = unflatten_params(vectors, params)  # {name: (K, *shape)}
+    b, k = len(x), len(vectors)
+    dots = torch.zeros(b, k, dtype=vectors.dtype, device=vectors.device)
+    norms = torch.zeros(b, dtype=vectors.dtype, device=vectors.device)
+    for m in owners:
+        module, a, g = modules[m], inputs[m], grads_out[m]
+        names = [n for n in params if n.rpartition(".")[0] == m]
+        if type(module) is nn.Linear and a.ndim == 2:
+            for name in names:
+                v = per_param[name]
+                if name.endswith("weight"):  # <V_k, g a^T> = g^T V_k a
+                    va = (a @ v.reshape(k * v.shape[1], v.shape[2]).T).reshape(b, k, v.shape[1])  # (B, K, out)
+                    dots += (va * g[:, None, :]).sum(2)
+                    norms += (g * g).sum(1) * (a * a).sum(1)
+                else:
+                    dots += g @ v.T
+                    norms += (g * g).sum(1)
+        else:
+            grads = _module_sample_grads(module, a, g)
+            for name in names:
+                gs = grads[name.rpartition(".")[2]].reshape(b, -1)
+                dots += gs @ per_param[name].reshape(k, -1).T
+                norms += (gs * gs).sum(1)
+    return dots, norms
+
+
 def _module_sample_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     b = len(a)
     if type(module) is nn.Linear:
@@ -378,12 +463,20 @@ def iter_grad_z(
     A split's uint8 images are normalised one chunk at a time, so memory stays at one chunk of
     gradients. ``dtype`` casts inputs (e.g. float64 for tests); the model must already match it.
     """
+    for start, x, y in iter_chunks(data, chunk_size, device, dtype, progress, desc):
+        yield start, grad_z(model, x, y, layers=layers, chunk_size=chunk_size)
+
+
+def iter_chunks(data, chunk_size: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                progress: bool = False, desc: str = "images") -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """``(start, x, y)`` chunks of ``data`` (a split, normalised per chunk, or an ``(x, y)`` pair), with a tqdm bar."""
     from tqdm.auto import tqdm
 
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     n = data_length(data)
     device = torch.device(device)
     for start in tqdm(range(0, n, chunk_size), desc=desc, unit="chunk", disable=not progress, leave=False):
         idx = torch.arange(start, min(start + chunk_size, n))
         x, y = as_tensors(data, idx)
-        x = x.to(device=device, dtype=dtype or x.dtype)
-        yield start, grad_z(model, x, y.to(device), layers=layers, chunk_size=chunk_size)
+        yield start, x.to(device=device, dtype=dtype or x.dtype), y.to(device)

@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gradients import DEFAULT_CHUNK, as_tensors, check_inputs, data_length, grad_z, iter_grad_z
+from .gradients import (
+    DEFAULT_CHUNK,
+    as_tensors,
+    check_inputs,
+    data_length,
+    grad_z,
+    iter_grad_z,
+)
 from .solvers import InverseHVP
 
 log = logging.getLogger(__name__)
@@ -89,7 +96,7 @@ def influence(
     p = next(model.parameters())
     scores = torch.empty(len(stest), n, dtype=stest.dtype)
     for start, g in iter_grad_z(model, train, chunk_size, p.device, solver.layers, p.dtype, progress, "scoring training images"):
-        scores[:, start : start + len(g)] = (stest @ g.T).cpu()
+        scores[:, start : start + len(g)] = (stest @ g.T).cpu()  # (K, B)
     return scores / n
 
 
@@ -108,6 +115,11 @@ def self_influence(
     n = data_length(train)
     p = next(model.parameters())
     out = torch.empty(n, dtype=p.dtype)
+    basis = solver.basis()
+    if basis is not None:  # the fast solver: only products with its (r, P) basis and squared norms
+        for start, g in iter_grad_z(model, train, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
+            out[start : start + len(g)] = solver.quadratic_form_from_products(g @ basis.T, (g * g).sum(1)).cpu()
+        return out / n
     for start, g in iter_grad_z(model, train, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
         out[start : start + len(g)] = solver.quadratic_form(g).cpu()
     return out / n

@@ -339,6 +339,14 @@ class InverseHVP(abc.ABC):
         vectors = self._check_vectors(vectors)
         return (self.inverse_hvp(vectors) * vectors).sum(1)
 
+    def basis(self) -> torch.Tensor | None:
+        """(r, P) rows such that quadratic forms need only products with them (fast solver); else None."""
+        return None
+
+    def quadratic_form_from_products(self, dots: torch.Tensor, sqnorms: torch.Tensor) -> torch.Tensor:
+        """Quadratic forms from ``v @ basis().T`` (N, r) and ``||v||^2`` (N,); only where :meth:`basis` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} has no basis; use quadratic_form")
+
     # -- caching ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Tensors of the fitted curvature worth caching (empty for matrix-free solvers)."""
@@ -595,9 +603,14 @@ class FastSolver(InverseHVP):
 
     def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
+        return self.quadratic_form_from_products(v @ self.eigenvectors, (v * v).sum(1))
+
+    def basis(self) -> torch.Tensor:
+        return self.eigenvectors.T  # (r, P)
+
+    def quadratic_form_from_products(self, dots: torch.Tensor, sqnorms: torch.Tensor) -> torch.Tensor:
         d = self.total_damping
-        coef = v @ self.eigenvectors  # (K, r)
-        return (v * v).sum(1) / d + (coef * coef * (1 / (self.eigenvalues + d) - 1 / d)).sum(1)
+        return sqnorms / d + (dots * dots * (1 / (self.eigenvalues + d) - 1 / d)).sum(1)
 
     def state_dict(self) -> dict:
         return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}

@@ -40,9 +40,9 @@ def conv(**kw) -> nn.Module:
 
 
 def blobs(n: int, shape: tuple, c: int, seed: int = 0, noise: float = 1.0, flip: float = 0.0):
-    """Class-dependent means plus Gaussian noise (learnable but not separable); ``flip``: label noise."""
+    """Class-dependent means (the same for every seed) plus Gaussian noise; ``flip``: label noise."""
+    means = torch.randn(c, *shape, generator=torch.Generator().manual_seed(1234), dtype=DTYPE)
     gen = torch.Generator().manual_seed(seed)
-    means = torch.randn(c, *shape, generator=gen, dtype=DTYPE)
     y = torch.randint(0, c, (n,), generator=gen)
     x = means[y] + noise * torch.randn(n, *shape, generator=gen, dtype=DTYPE)
     if flip:

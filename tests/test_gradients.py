@@ -136,3 +136,17 @@ def test_conv_per_sample_gradients_with_stride_padding_dilation(kw):
     model(x)  # materialise the lazy layer
     model.eval()
     assert torch.allclose(grad_z(model, x, y, method="hooks"), loop_grads(model, x, y), atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("name,make,shape,c", CASES)
+def test_grad_dot_equals_materialised_products(name, make, shape, c):
+    from influence_over_inference.gradients import grad_dot
+
+    torch.manual_seed(0)
+    model = make().eval()
+    x, y = blobs(11, shape, c, seed=7)
+    v = torch.randn(4, count_selected(model), dtype=DTYPE)
+    g = loop_grads(model, x, y)
+    dots, norms = grad_dot(model, x, y, v, chunk_size=4)
+    assert torch.allclose(dots, g @ v.T, atol=EXACT, rtol=0)
+    assert torch.allclose(norms, (g * g).sum(1), atol=EXACT, rtol=0)

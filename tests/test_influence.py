@@ -1,0 +1,184 @@
+"""Influence scores: the sign convention tested by retraining (remove the most helpful point ->
+the test loss rises), predicted vs actual leave-one-out, chunk-size invariance, self-influence,
+top-k, the engine's cache, and clear errors (float64, tiny models)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from engine_models import blobs, fit, logistic, mlp
+from torch import nn
+
+from influence_over_inference.gradients import grad_z
+from influence_over_inference.influence import (
+    InfluenceEngine,
+    influence,
+    pick_images,
+    s_test,
+    self_influence,
+    top_k,
+)
+from influence_over_inference.solvers import make_solver
+
+WD = 1e-2
+LOO_PEARSON = 0.95  # predicted vs actual leave-one-out change over the 20 most influential points
+EXACT = 1e-10
+
+
+@pytest.fixture(scope="module")
+def convex():
+    """Logistic regression trained to convergence, a test point it gets wrong, the exact-Hessian solver."""
+    torch.manual_seed(0)
+    x, y = blobs(80, (5,), 3, seed=0, noise=1.5)
+    xt, yt = blobs(40, (5,), 3, seed=1, noise=1.5)
+    model = fit(logistic(), x, y, WD, steps=500)
+    with torch.no_grad():
+        losses = nn.functional.cross_entropy(model(xt), yt, reduction="none")
+    t = int(losses.argsort()[-5])  # a clearly mispredicted test point, not the most extreme
+    solver = make_solver("exact", curvature="hessian", damping=0.0).fit(model, x, y, weight_decay=WD)
+    return model, x, y, xt[t : t + 1], yt[t : t + 1], solver
+
+
+def retrained_test_loss(model, x, y, xt, yt, drop):
+    keep = torch.ones(len(x), dtype=torch.bool)
+    keep[drop] = False
+    m = fit(copy.deepcopy(model), x[keep], y[keep], WD, steps=500, tol=1e-14)
+    with torch.no_grad():
+        return float(nn.functional.cross_entropy(m(xt), yt))
+
+
+def test_sign_removing_helpful_raises_and_harmful_lowers_the_test_loss(convex):
+    model, x, y, xt, yt, solver = convex
+    scores = influence(model, xt, yt, (x, y), solver)[0]
+    with torch.no_grad():
+        base = float(nn.functional.cross_entropy(model(xt), yt))
+    helpful, harmful = int(scores.argmax()), int(scores.argmin())
+    assert scores[helpful] > 0 > scores[harmful]
+    assert retrained_test_loss(model, x, y, xt, yt, helpful) > base
+    assert retrained_test_loss(model, x, y, xt, yt, harmful) < base
+
+
+def test_predicted_matches_actual_leave_one_out(convex):
+    model, x, y, xt, yt, solver = convex
+    scores = influence(model, xt, yt, (x, y), solver)[0]
+    with torch.no_grad():
+        base = float(nn.functional.cross_entropy(model(xt), yt))
+    top = scores.abs().argsort(descending=True)[:20]
+    actual = torch.tensor([retrained_test_loss(model, x, y, xt, yt, int(j)) - base for j in top], dtype=torch.float64)
+    predicted = scores[top]
+    r = torch.corrcoef(torch.stack([predicted, actual]))[0, 1]
+    assert r >= LOO_PEARSON, (r, predicted, actual)
+
+
+def test_scores_equal_the_formula_and_do_not_depend_on_chunk_size():
+    torch.manual_seed(0)
+    x, y = blobs(50, (6,), 3, seed=2)
+    model = fit(mlp(), x, y, WD, steps=50)
+    solver = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
+    xt, yt = x[:3] + 0.1, y[:3]
+    expect = solver.inverse_hvp(grad_z(model, xt, yt)) @ grad_z(model, x, y).T / len(x)
+    for chunk in (1, 7, 50):
+        assert torch.allclose(influence(model, xt, yt, (x, y), solver, chunk_size=chunk), expect, atol=EXACT, rtol=0)
+    assert torch.allclose(s_test(model, xt, yt, solver) @ grad_z(model, x, y).T / len(x), expect, atol=EXACT, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["exact", "fast"])
+def test_self_influence_is_the_diagonal_of_train_on_train_scores(name):
+    torch.manual_seed(0)
+    x, y = blobs(40, (6,), 3, seed=3)
+    model = fit(mlp(), x, y, WD, steps=50)
+    solver = make_solver(name, damping=0.1).fit(model, x, y, weight_decay=WD)
+    full = influence(model, x, y, (x, y), solver)
+    si = self_influence(model, (x, y), solver, chunk_size=9)
+    assert torch.allclose(si, full.diagonal(), atol=EXACT, rtol=1e-9)
+    assert (si > 0).all()
+
+
+def test_top_k_orders_helpful_and_harmful():
+    scores = torch.tensor([[0.5, -2.0, 3.0, 0.0, -0.1]], dtype=torch.float64)
+    tk = top_k(scores, 2)
+    assert tk.helpful.tolist() == [[2, 0]] and tk.harmful.tolist() == [[1, 4]]
+    assert tk.helpful_scores.tolist() == [[3.0, 0.5]] and tk.harmful_scores.tolist() == [[-2.0, -0.1]]
+    with pytest.raises(ValueError, match="k must be between 1"):
+        top_k(scores, 6)
+
+
+def test_engine_caches_curvature_and_scores(tmp_path):
+    torch.manual_seed(0)
+    x, y = blobs(40, (6,), 3, seed=4)
+    model = fit(mlp(), x, y, WD, steps=50)
+    checkpoint = tmp_path / "model.pt"
+    torch.save(model.state_dict(), checkpoint)
+    cache = tmp_path / "influence"
+
+    def engine():
+        return InfluenceEngine(model, (x, y), make_solver("fast", damping=0.1, rank=30, n_samples=20), weight_decay=WD,
+                               cache_dir=cache, checkpoint=checkpoint, data_source="blobs", progress=False)
+
+    first = engine()
+    scores = first.scores(x[:2], y[:2])
+    si = first.self_influence()
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) == 3 and all(n.endswith(".pt") for n in names), names  # curvature, scores, self-influence
+    second = engine()
+    second.solver._fit = lambda: pytest.fail("refitted although the curvature was cached")
+    assert torch.equal(second.scores(x[:2], y[:2]), scores)
+    assert torch.equal(second.self_influence(), si)
+    third = engine()  # other test images: scores recomputed from the cached curvature, no refit
+    third.solver._fit = lambda: pytest.fail("refitted although the curvature was cached")
+    assert torch.allclose(third.scores(x[2:4], y[2:4]), scores.new_tensor(influence(model, x[2:4], y[2:4], (x, y), first.solver)))
+    other = InfluenceEngine(model, (x, y), make_solver("fast", damping=0.2, rank=30, n_samples=20), weight_decay=WD,
+                            cache_dir=cache, checkpoint=checkpoint, data_source="blobs", progress=False)
+    assert other.cache_path("scores") != first.cache_path("scores")  # settings are part of the key
+
+
+def test_bad_inputs_raise_clear_errors():
+    torch.manual_seed(0)
+    x, y = blobs(20, (6,), 3, seed=5)
+    model = mlp().eval()
+    solver = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
+    with pytest.raises(ValueError, match="out of range"):
+        pick_images((x, y), [3, 20])
+    with pytest.raises(ValueError, match="NaN"):
+        influence(model, torch.full((1, 6), float("nan"), dtype=torch.float64), y[:1], (x, y), solver)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        s_test(model, x[:2], y[:3], solver)
+    with pytest.raises(ValueError, match="fit the solver first"):
+        s_test(model, x[:2], y[:2], make_solver("cg"))
+
+
+def test_cli_prints_top_k_and_writes_json_and_npz(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from conftest import make_image_folder
+
+    from influence_over_inference.checkpoints import save_checkpoint
+    from influence_over_inference.cli import main
+    from influence_over_inference.model import Net
+
+    folder = tmp_path / "cifar"
+    make_image_folder(folder, n_train_per_class=3, n_test_per_class=1)
+    torch.manual_seed(0)
+    checkpoint = save_checkpoint(Net(channels=(2, 2), hidden=(8, 8)), tmp_path / "net.pt", {"recipe": {"weight_decay": 5e-4}})
+    args = ["influence", "--data", str(folder), "--data-root", str(tmp_path), "--checkpoint", str(checkpoint),
+            "--test-index", "0", "4", "--k", "3", "--solver", "fast", "--n-samples", "10", "--rank", "20",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "res")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "most helpful" in out and "most harmful" in out and "test image 4" in out
+    report = json.loads((tmp_path / "res.json").read_text())
+    assert [t["test_index"] for t in report["tests"]] == [0, 4]
+    first = report["tests"][0]
+    assert len(first["helpful"]) == 3 and first["helpful"][0]["score"] >= first["helpful"][-1]["score"]
+    assert first["harmful"][0]["score"] <= first["harmful"][-1]["score"]
+    assert {"index", "class", "name", "score"} <= set(first["helpful"][0])
+    scores = np.load(tmp_path / "res.npz")["scores"]
+    assert scores.shape == (2, 30)
+    assert first["helpful"][0]["score"] == pytest.approx(float(scores[0].max()), rel=1e-5)
+    assert main(args[:-2] + ["--out", str(tmp_path / "again")]) == 0  # from the cache
+    assert np.array_equal(np.load(tmp_path / "again.npz")["scores"], scores)
+    assert main(args[:7] + ["--test-index", "10"]) == 2
+    assert "out of range" in capsys.readouterr().err
