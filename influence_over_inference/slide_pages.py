@@ -454,6 +454,9 @@ def flipped_slide(inputs, config):
             f"{_pct(val.get('loss_found_at_20'))}); ROC-AUC {_fmt(val.get('flipped_auc'))}"
             + (f" (loss: {_fmt(val['loss_auc'])})." if val.get("loss_auc") is not None else "."),
         ]
+        if val.get("last_layer_found_at_20") is not None:
+            items.append(f"Self-influence of the last layer alone: {_pct(val['last_layer_found_at_20'])} "
+                         f"after 20%; ROC-AUC {_fmt(val.get('last_layer_auc'))}.")
     sign = (val.get("settings") or {}).get("sign") or {}
     n_remove, n_test = sign.get("n_remove"), val.get("sign_n_test")
     if val.get("sign_harmful_removed_delta") is None:
@@ -478,6 +481,15 @@ def flipped_slide(inputs, config):
     return title, fig
 
 
+def _curve_label(name: str) -> str:
+    """``self_influence_last_layer`` -> ``self-influence, last layer``; ``training_loss`` ->
+    ``training loss``."""
+    if name.startswith("self_influence"):
+        rest = name[len("self_influence"):].strip("_").replace("_", " ")
+        return "self-influence" + (f", {rest}" if rest else "")
+    return name.replace("_", " ")
+
+
 def flip_curves(val) -> dict:
     """Fraction-found curves, name -> (fraction checked, fraction found), from the npz keys
     ``flipped_<name>_checked`` / ``flipped_<name>_found`` (names like ``self_influence``,
@@ -493,7 +505,7 @@ def flip_curves(val) -> dict:
         if key.startswith("flipped_") and key.endswith("_found"):
             name = key[len("flipped_"):-len("_found")]
             if f"flipped_{name}_checked" in arrays:
-                out[name.replace("_", "-" if name == "self_influence" else " ")] = (
+                out[_curve_label(name)] = (
                     np.asarray(arrays[f"flipped_{name}_checked"], float), np.asarray(arrays[key], float))
     order = {"self-influence": 0, "training loss": 1, "random": 2}
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
