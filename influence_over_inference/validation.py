@@ -875,6 +875,10 @@ def summarize(results: dict, summary_path: str | os.PathLike = SUMMARY_PATH,
         summary[f"{prefix}loss_auc"] = m["training_loss"]["auc"]
         summary[f"{prefix}random_found_at_20"] = m["random"]["found_at_20"]
         summary[f"{prefix}random_auc"] = m["random"]["auc"]
+        if "self_influence_last_layer" in m:
+            summary[f"{prefix}last_layer_found_at_10"] = m["self_influence_last_layer"]["found_at_10"]
+            summary[f"{prefix}last_layer_found_at_20"] = m["self_influence_last_layer"]["found_at_20"]
+            summary[f"{prefix}last_layer_auc"] = m["self_influence_last_layer"]["auc"]
         summary[f"{prefix}flipped_details"] = {k: r[k] for k in ("n_flipped", "test_accuracy", "train_accuracy",
                                                                  "flipped_memorised", "timings")}
         summary["minutes"][key] = r["minutes"]

@@ -269,7 +269,8 @@ def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
     assert sign["n_test"] == 2 and len(sign["per_image"]) == 2
     flip = run_flipped(data, FlippedConfig(n_per_class=4, epochs=1, solver_settings={"damping": 0.01, **fast}),
                        cache_dir=tmp_path, progress=False)
-    assert flip["n_flipped"] == 4 and set(flip["metrics"]) == {"self_influence", "training_loss", "random"}
+    assert flip["n_flipped"] == 4 and set(flip["metrics"]) == {"self_influence", "training_loss", "random",
+                                                                   "self_influence_last_layer"}
     summary = summarize({"loo_network": net, "sign": sign, "flipped": flip}, tmp_path / "v.json", tmp_path / "v.npz")
     for key in ("loo_network_pearson", "loo_network_spearman", "flipped_found_at_10", "flipped_found_at_20",
                 "flipped_auc", "loss_found_at_20", "sign_harmful_removed_delta", "sign_helpful_removed_delta",
