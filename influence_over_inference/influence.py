@@ -39,6 +39,7 @@ from .gradients import (
     DEFAULT_CHUNK,
     as_tensors,
     check_inputs,
+    count_selected,
     data_length,
     grad_z,
     iter_grad_z,
@@ -76,8 +77,8 @@ def s_test(
 
 def influence(
     model: nn.Module,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
+    test_x: torch.Tensor | None,
+    test_y: torch.Tensor | None,
     train,
     solver: InverseHVP,
     chunk_size: int = DEFAULT_CHUNK,
@@ -88,9 +89,14 @@ def influence(
 
     ``train`` is the training split (or ``(x, y)``) the solver was fitted on; its gradients are
     streamed in chunks of ``chunk_size`` and never held all at once. ``stest`` may pass
-    precomputed :func:`s_test` vectors (K, P).
+    precomputed :func:`s_test` vectors (K, P) (any solver's, or nimarb's); then ``test_x`` and
+    ``test_y`` may be None.
     """
-    if stest is None:
+    if stest is not None:
+        stest = stest[None] if stest.ndim == 1 else stest
+        if stest.shape[1] != count_selected(model, solver.layers):
+            raise ValueError(f"stest must have shape (K, {count_selected(model, solver.layers)}), got {tuple(stest.shape)}")
+    else:
         stest = s_test(model, test_x, test_y, solver)
     n = data_length(train)
     p = next(model.parameters())

@@ -48,6 +48,7 @@ from .gradients import (
     count_selected,
     data_length,
     flatten_params,
+    select_parameters,
     unflatten_params,
 )
 
@@ -79,6 +80,8 @@ def curvature_products(
     """
     if curvature not in CURVATURES:
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if len(vectors) <= SMALL_K:
+        return _products_loop(model, x, y, vectors, curvature, layers, chunk_size)
     if curvature == "ggn" and _hooks_supported(model, layers):
         # per-example factor rows (hooks, no vmap): GGN v = (1/n) sum_i R_i^T (R_i v)
         total = torch.zeros_like(vectors)
@@ -119,6 +122,44 @@ def curvature_products(
 
                 total += vmap(ggn_one)(vectors)
         return total / n
+    finally:
+        model.train(was_training)
+
+
+SMALL_K = 4  # up to this many vectors, products loop over them with plain autograd (no vmap, no factor rows)
+
+
+def _products_loop(model, x, y, vectors, curvature, layers, chunk_size):
+    """``C v`` for a few vectors: Hessian by double backward (Pearlmutter), GGN by J v (double-vjp trick) then J^T."""
+    was_training = model.training
+    model.eval()
+    try:
+        named = dict(model.named_parameters())
+        names = list(select_parameters(model, layers))
+        params = [named[k] for k in names]
+        total = torch.zeros_like(vectors)
+        for start in range(0, len(x), chunk_size):
+            xb, yb = x[start : start + chunk_size], y[start : start + chunk_size]
+            with torch.enable_grad():
+                logits = model(xb)
+                if curvature == "hessian":
+                    loss = nn.functional.cross_entropy(logits, yb, reduction="sum")
+                    grads = torch.autograd.grad(loss, params, create_graph=True)
+                    flat = torch.cat([g.reshape(-1) for g in grads])
+                    for k, v in enumerate(vectors):
+                        hv = torch.autograd.grad((flat * v).sum(), params, retain_graph=True, allow_unused=True)
+                        total[k] += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hv, params, strict=True)])
+                else:
+                    probs = torch.softmax(logits.detach(), dim=1)
+                    u = torch.zeros_like(logits, requires_grad=True)  # dummy cotangent: J v = d/du (J^T u . v)
+                    jt_u = torch.autograd.grad(logits, params, grad_outputs=u, create_graph=True)
+                    flat_jt_u = torch.cat([g.reshape(-1) for g in jt_u])
+                    for k, v in enumerate(vectors):
+                        jv = torch.autograd.grad((flat_jt_u * v).sum(), u, retain_graph=True)[0]  # (B, C)
+                        hjv = probs * jv - probs * (probs * jv).sum(1, keepdim=True)
+                        back = torch.autograd.grad(logits, params, grad_outputs=hjv, retain_graph=True, allow_unused=True)
+                        total[k] += torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(back, params, strict=True)])
+        return total / len(x)
     finally:
         model.train(was_training)
 
@@ -190,9 +231,12 @@ class CGSettings:
     n_samples: int | None = None  # curvature over a fixed seeded subsample of this many examples (None: all)
     seed: int = 0  # seeds the subsample
     chunk_size: int = 1000  # training examples per curvature-product call
+    max_factor_mb: float = 2048.0  # GGN: hold the subsample's factor rows (n*C*P floats) if under this; each iteration is then two matmuls
 
     def __post_init__(self):
         _check_common(self)
+        if self.max_factor_mb < 0:
+            raise ValueError(f"max_factor_mb must be >= 0, got {self.max_factor_mb}")
         if not self.tol > 0:
             raise ValueError(f"tol must be > 0, got {self.tol}")
         if self.max_iter < 1:
@@ -421,15 +465,29 @@ class CGSolver(InverseHVP):
         else:
             self._x, self._y = self._train_tensors()
         self.residuals: list[float] = []
+        self._factor = None
+        n_classes = None
+        if s.curvature == "ggn" and _hooks_supported(self.model, self.layers):
+            with torch.no_grad():
+                n_classes = self.model(self._x[:1]).shape[1]
+            size_mb = len(self._x) * n_classes * self.n_params * self._x.element_size() / 2**20
+            if size_mb <= s.max_factor_mb:
+                rows = [ggn_factor(self.model, self._x[i : i + s.chunk_size], self.layers) for i in range(0, len(self._x), s.chunk_size)]
+                self._factor = torch.cat(rows) / math.sqrt(len(self._x))  # (n*C, P): GGN = factor.T @ factor
+                log.info("CG holds the GGN factor of %d examples (%.0f MB)", len(self._x), size_mb)
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         """The damped operator ``(C + weight_decay I + damping I) v`` for rows (K, P)."""
         s = self.settings
-        cv = curvature_products(self.model, self._x, self._y, vectors, s.curvature, self.layers, s.chunk_size)
+        if self._factor is not None:
+            f = self._factor
+            cv = ((vectors.to(f.dtype) @ f.T) @ f).to(vectors.dtype)
+        else:
+            cv = curvature_products(self.model, self._x, self._y, vectors.to(self.dtype), s.curvature, self.layers, s.chunk_size).to(vectors.dtype)
         return cv + self.total_damping * vectors
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        b = self._check_vectors(vectors)
+        b = self._check_vectors(vectors).double()  # CG's recurrences in float64 (orthogonality)
         s = self.settings
         x = torch.zeros_like(b)
         r = b.clone()
@@ -462,7 +520,7 @@ class CGSolver(InverseHVP):
         else:
             if active.any():
                 log.warning("CG stopped at max_iter=%d with relative residual %.2e > tol=%.1e", s.max_iter, self.residuals[-1], s.tol)
-        return x
+        return x.to(self.dtype)
 
 
 # ----------------------------------------------------------------------------- LiSSA

@@ -82,7 +82,9 @@ def small(request):
 def test_curvature_products_match_explicit_matrices(small, curvature):
     _, model, x, y, v = small
     reference = explicit_hessian(model, x, y) if curvature == "hessian" else explicit_ggn(model, x, y)
-    assert rel(curvature_products(model, x, y, v, curvature, chunk_size=17), v @ reference) < 1e-10
+    assert rel(curvature_products(model, x, y, v, curvature, chunk_size=17), v @ reference) < 1e-10  # few vectors: autograd loop
+    many = torch.randn(7, v.shape[1], dtype=v.dtype, generator=torch.Generator().manual_seed(0))
+    assert rel(curvature_products(model, x, y, many, curvature, chunk_size=17), many @ reference) < 1e-10  # vmap / factor rows
     assert rel(curvature_matrix(model, x, y, curvature, chunk_size=25), reference) < 1e-10
 
 
