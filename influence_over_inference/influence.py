@@ -94,14 +94,14 @@ def influence(
     """
     if stest is not None:
         stest = stest[None] if stest.ndim == 1 else stest
-        if stest.shape[1] != count_selected(model, solver.layers):
-            raise ValueError(f"stest must have shape (K, {count_selected(model, solver.layers)}), got {tuple(stest.shape)}")
+        if stest.shape[1] != count_selected(model, getattr(solver, "layers", None)):
+            raise ValueError(f"stest must have shape (K, {count_selected(model, getattr(solver, 'layers', None))}), got {tuple(stest.shape)}")
     else:
         stest = s_test(model, test_x, test_y, solver)
     n = data_length(train)
     p = next(model.parameters())
     scores = torch.empty(len(stest), n, dtype=stest.dtype)
-    for start, g in iter_grad_z(model, train, chunk_size, p.device, solver.layers, p.dtype, progress, "scoring training images"):
+    for start, g in iter_grad_z(model, train, chunk_size, p.device, getattr(solver, "layers", None), p.dtype, progress, "scoring training images"):
         scores[:, start : start + len(g)] = (stest @ g.T).cpu()  # (K, B)
     return scores / n
 
