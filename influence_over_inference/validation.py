@@ -196,6 +196,17 @@ class ResultCache:
     def flush(self) -> None:
         write_json_atomic({"settings": self.settings, "entries": self.entries}, self.path)
 
+    def absorb(self, paths) -> None:
+        """Add the entries of other caches made with the same settings (e.g. a parallel worker's)."""
+        for path in paths:
+            try:
+                blob = json.loads(Path(path).read_text())
+            except (OSError, ValueError):
+                continue
+            if blob.get("settings") == self.settings:
+                for key, value in blob.get("entries", {}).items():
+                    self.entries.setdefault(key, value)
+
 
 def load_result(path: Path, settings: dict) -> dict | None:
     """A finished experiment's result file if it was made with ``settings`` (else None): reruns are instant,
@@ -629,27 +640,39 @@ def _solver_scores(model, train_split, test_x, test_y, name: str, settings: dict
 
 
 def loo_retrain_actuals(model, x, y, x_test, y_test, removals: list[int], config: RetrainConfig, cache: ResultCache,
-                        progress: bool = True) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-    """Test losses of the control run (K,) and of one retraining per removed index (K,) each, cached per run."""
+                        progress: bool = True, partners=()) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    """Test losses of the control run (K,) and of one retraining per removed index (K,) each, cached per run.
+
+    ``partners``: cache files of parallel workers (same settings), read before each run so no run is repeated.
+    """
     from tqdm.auto import tqdm
 
     order = data_order(len(y), config.steps, config.batch_size, torch.Generator().manual_seed(config.seed))
+    cache.absorb(partners)
     if "control" not in cache:
         control = retrain(model, x, y, torch.ones(len(y)), config, order)
         cache.put("control", test_losses(control, x_test, y_test).tolist())
     out = {}
     for j in tqdm(removals, desc="leave-one-out retraining", disable=not progress):
+        cache.absorb(partners)
         if j not in cache:
             w = torch.ones(len(y))
             w[j] = 0.0
             cache.put(j, test_losses(retrain(model, x, y, w, config, order), x_test, y_test).tolist())
         out[j] = np.asarray(cache[j])
+    cache.flush()
     return np.asarray(cache["control"]), out
 
 
 def run_loo_network(data, config: NetworkLOOConfig | None = None, cache_dir: str | os.PathLike = CACHE_DIR,
-                    progress: bool = True) -> dict:
-    """Experiment 2: remove each top-``k`` training image, retrain from the trained parameters, minus control."""
+                    progress: bool = True, worker: int = 0, workers: int = 1) -> dict | None:
+    """Experiment 2: remove each top-``k`` training image, retrain from the trained parameters, minus control.
+
+    ``workers > 1``: start one process per worker (``worker`` 0 .. workers-1, after worker 0 has the
+    scores); each retrains from its own place in the list into its own cache file and skips the runs
+    the others finished. Worker 0 waits for nothing, finishes whatever is left and writes the result;
+    the others return None.
+    """
     from .checkpoints import file_sha256
     from .data import normalize_uint8
     from .training import TrainConfig
@@ -680,10 +703,16 @@ def run_loo_network(data, config: NetworkLOOConfig | None = None, cache_dir: str
     removals = list(dict.fromkeys(j for c in chosen for j in c))  # test image 0's first, no repeats
     settings = {"experiment": "loo-network", "checkpoint": file_sha256(ckpt), "data_source": data.source,
                 "subset_indices_sha": settings_key({"i": indices.tolist()}), "retrain": asdict(config.retrain)}
-    cache = ResultCache(Path(cache_dir) / f"loo-network-runs-{settings_key(settings)}.json", settings)
+    base_path = Path(cache_dir) / f"loo-network-runs-{settings_key(settings)}.json"
+    paths = [base_path] + [base_path.with_name(f"{base_path.stem}-worker{w}.json") for w in range(1, workers)]
+    cache = ResultCache(paths[worker], settings)
     retrain_start = time.perf_counter()
     x, y = normalize_uint8(split.images), split.labels
-    control, losses = loo_retrain_actuals(model, x, y, x_test, y_test, removals, config.retrain, cache, progress)
+    mine = removals[worker * len(removals) // workers :] + removals[: worker * len(removals) // workers]
+    control, losses = loo_retrain_actuals(model, x, y, x_test, y_test, mine, config.retrain, cache, progress,
+                                          partners=[p for p in paths if p != paths[worker]])
+    if worker != 0:
+        return None
     timings["retrain_minutes"] = (time.perf_counter() - retrain_start) / 60
     base = test_losses(model, x_test, y_test).numpy()
     result = {"settings": {**asdict(config), "n_train": len(y), "data_source": data.source, "weight_decay": wd,
@@ -929,6 +958,9 @@ def register(subparsers) -> None:
                         "--set epochs=30 (flipped); repeatable; only with a single experiment")
     p.add_argument("--as", dest="summary_key", default=None,
                    help="summary key for this run (e.g. flipped_memorising: the memorising-regime flipped run)")
+    p.add_argument("--worker", default="0/1", metavar="I/N",
+                   help="loo-network only: this process is worker I of N parallel retraining processes "
+                        "(start worker 0 first; the others once it retrains); default %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -968,7 +1000,12 @@ def cmd_validate(args) -> int:
             lines = [f"test image {i}: Pearson {t['pearson']:.4f}, Spearman {t['spearman']:.4f}"
                      for i, t in zip(r["test_indices"], r["test"], strict=True)]
         elif name == "loo-network":
-            r = run_loo_network(data, config, cache_dir=args.cache_dir, progress=progress)
+            worker, workers = (int(v) for v in args.worker.split("/"))
+            r = run_loo_network(data, config, cache_dir=args.cache_dir, progress=progress, worker=worker,
+                                workers=workers)
+            if r is None:
+                print(f"worker {worker}/{workers} done")  # noqa: T201 (CLI output)
+                continue
             lines = [f"test image {i}: " + ", ".join(f"{s} Pearson {t['pearson'][s]:.3f} Spearman {t['spearman'][s]:.3f}"
                                                      for s in t["pearson"])
                      for i, t in zip(r["test_indices"], r["test"], strict=True)]

@@ -278,3 +278,18 @@ def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
         assert key in summary
     arrays = np.load(tmp_path / "v.npz")
     assert "loo_network_predicted_cg_1" in arrays and arrays["flipped_random_found"].shape == (1001,)
+
+
+def test_parallel_workers_share_runs_through_their_cache_files(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.arange(8) % 3
+    cfg = RetrainConfig(steps=4, batch_size=4, lr=0.1)
+    a, b = ResultCache(tmp_path / "a.json", {"s": 1}), ResultCache(tmp_path / "b.json", {"s": 1})
+    _, from_b = loo_retrain_actuals(model, x, y, x[:2], y[:2], [5, 6], cfg, b, progress=False, partners=[a.path])
+    b.put(6, [123.0, 456.0])  # a marker: the other worker must take this run from b's file, not recompute it
+    control, from_a = loo_retrain_actuals(model, x, y, x[:2], y[:2], [4, 5, 6], cfg, a, progress=False,
+                                          partners=[b.path])
+    assert list(from_a[6]) == [123.0, 456.0] and np.array_equal(from_a[5], from_b[5])
+    assert set(json.loads(a.path.read_text())["entries"]) == {"control", "4", "5", "6"}
+    assert ResultCache(tmp_path / "c.json", {"s": 2}).entries == {}
