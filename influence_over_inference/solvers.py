@@ -20,8 +20,9 @@ and paper names (``damp``, ``scale``, ``depth``, ``repeat`` = r):
   curvature-vector products over the training set or a fixed subsample, batched over vectors.
 - :class:`LiSSASolver`: Agarwal et al. (2017) / Koh & Liang's recursion, done right (the estimate
   fed back, divided by ``scale``, ``repeat`` runs averaged, divergence detected).
-- :class:`FastSolver`: fits the GGN once and then solves any number of vectors in closed form
-  (see its docstring for the design and how it was chosen).
+- :class:`FastSolver`: fits the top GGN eigenpairs once (from per-class gradients of a
+  subsample) and then solves any number of vectors in closed form (see its docstring for the
+  design, how it was chosen, and where it is inexact).
 
 Settings are dataclasses with commented, validated defaults; :func:`make_solver` builds a
 solver from a name and keyword settings (the command line and the notebook use it).
@@ -280,8 +281,8 @@ class LiSSASettings:
 @dataclass
 class FastSettings:
     damping: float = 0.01  # lambda: extra damping added to GGN + weight_decay I
-    rank: int = 500  # number of top GGN eigenpairs kept
-    n_samples: int = 2000  # training examples whose per-class gradients form the GGN factor
+    rank: int = 500  # number of top GGN eigenpairs kept (at most n_samples * n_classes)
+    n_samples: int = 250  # training examples whose per-class gradients form the GGN factor (n*C*P floats: 620 MB for the real CNN)
     seed: int = 0  # seeds the subsample
     chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
     curvature: str = "ggn"  # the fast solver is built on the GGN's per-example factorisation
@@ -624,7 +625,19 @@ class FastSolver(InverseHVP):
 
         (G^T G + d I)^{-1} v  ~=  U diag(1 / (e + d)) U^T v  +  (v - U U^T v) / d
 
-    for any number of vectors at the cost of two (K, P) x (P, rank) products.
+    for any number of vectors at the cost of two (K, P) x (P, rank) products; self-influence of
+    every training image needs only its products with the ``rank`` basis vectors.
+
+    Why this design (measured with ``python bench/fast_design.py``; results in
+    bench/results/fast_design.json): on the CIFAR-trained 3,702-parameter LeNet (2,000 training
+    images, the benchmark's small net), against exact influence with the explicit damped GGN,
+    mean per-test-image Pearson is 0.9995 at damping 0.01 (0.992 at 0.001) from 250 sampled
+    images at any rank >= 20, against 0.82 (0.37) for the plain gradient dot product; the
+    rest-of-spectrum diagonal (low rank + diagonal via Woodbury) changed nothing. Its accuracy
+    is limited by how well ``n_samples`` images represent the GGN, not by ``rank``: on a tiny
+    conv net that memorises its 300 training images, 100 sampled images give Pearson ~0.5 while
+    all 300 give 0.9997; on the real CNN the scores from two independently drawn 200-image subsamples agree
+    at Spearman ~0.75 (0.80 at damping 0.1). Raise ``n_samples`` when memory and time allow.
     """
 
     name = "fast"
