@@ -234,7 +234,8 @@ class InfluenceEngine:
             return self
         path = self.cache_path("curvature")
         state = self._load(path)
-        self.solver.fit(self.model, self.train, weight_decay=self.weight_decay, layers=self.layers, state=state or None)
+        self.solver.fit(self.model, self.train, weight_decay=self.weight_decay, layers=self.layers, state=state or None,
+                        progress=self.progress)
         if state is None:
             cached = self.solver.state_dict()
             if cached:

@@ -308,6 +308,8 @@ class InverseHVP(abc.ABC):
     name = "base"
     settings_class: type = ExactSettings
 
+    progress = False
+
     def __init__(self, settings=None, **overrides):
         if settings is None:
             settings = self.settings_class(**overrides)
@@ -320,13 +322,14 @@ class InverseHVP(abc.ABC):
 
     # -- fitting --------------------------------------------------------------------------
     def fit(self, model: nn.Module, train_x, train_y: torch.Tensor | None = None, weight_decay: float = 0.0,
-            layers: Sequence[str] | str | None = None, state: dict | None = None) -> InverseHVP:
+            layers: Sequence[str] | str | None = None, state: dict | None = None, progress: bool = False) -> InverseHVP:
         """Remember the model and training data (``train_x, train_y`` tensors, or a split as ``train_x``).
 
         ``weight_decay`` is the training recipe's L2 coefficient (it adds ``weight_decay * I``).
         Subclasses that precompute (the exact matrix, the fast solver's factor) do it here, unless
-        ``state`` (an earlier :meth:`state_dict`, e.g. from a cache) is given.
+        ``state`` (an earlier :meth:`state_dict`, e.g. from a cache) is given. ``progress``: tqdm bars.
         """
+        self.progress = progress
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         self.train_data = train_x if train_y is None else (train_x, train_y)
@@ -648,8 +651,10 @@ class FastSolver(InverseHVP):
         gen = torch.Generator().manual_seed(s.seed)
         m = min(s.n_samples, self.n_train)
         idx = torch.randperm(self.n_train, generator=gen)[:m].sort().values
+        from tqdm.auto import tqdm
+
         rows = []
-        for start in range(0, m, s.chunk_size):
+        for start in tqdm(range(0, m, s.chunk_size), desc="fast solver: GGN factor", unit="chunk", disable=not self.progress, leave=False):
             x, _ = self._train_tensors(idx[start : start + s.chunk_size])
             _, r = class_gradients(self.model, x, self.layers)  # (B, C, P)
             rows.append(r.reshape(-1, self.n_params))
