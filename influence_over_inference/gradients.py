@@ -147,6 +147,13 @@ def grad_z(
     try:
         rows = []
         fast = method in ("auto", "hooks") and _hooks_supported(model, layers)
+        if fast:  # write straight into one (N, P) buffer: no per-chunk concatenation
+            p0 = next(iter(select_parameters(model, layers).values()))
+            out = torch.empty(len(x), count_selected(model, layers), dtype=p0.dtype, device=p0.device)
+            for start in range(0, len(x), chunk_size):
+                xb, yb = x[start : start + chunk_size], y[start : start + chunk_size]
+                _hook_grads(model, xb, [_label_cotangent(yb)], layers, out=out[start : start + len(xb)])
+            return out
         if method == "hooks" and not fast:
             raise ValueError("method='hooks' needs every chosen parameter to be the weight or bias of an nn.Linear or a plain nn.Conv2d; use method='vmap'")
         if method not in ("auto", "hooks", "vmap"):
@@ -198,11 +205,12 @@ def _hooks_supported(model: nn.Module, layers) -> bool:
     return True
 
 
-def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers) -> list[torch.Tensor]:
+def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers, out=None) -> list[torch.Tensor]:
     """Per-sample gradients (B, P) for each cotangent function of the logits ``(B, C) -> (B, C)``.
 
     Row ``i`` of result ``j`` is ``J_i^T cotangents[j](logits)_i``: with the label cotangent
     (softmax - onehot) that is the per-example loss gradient. One forward pass serves all.
+    ``out``: a (B, P) buffer (one cotangent) or a list of them (one per cotangent), written in place.
     """
     params = select_parameters(model, layers)
     modules = dict(model.named_modules())
@@ -231,13 +239,28 @@ def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers) -> list[t
     for j, cotangent in enumerate(cotangents):
         with torch.no_grad():
             v = cotangent(logits.detach())
-        grads_out = torch.autograd.grad(logits, outs, grad_outputs=v, retain_graph=j < len(cotangents) - 1)
-        per_module = {}
-        for m, g_out in zip(owners, grads_out, strict=True):
-            per_module[m] = _module_sample_grads(modules[m], inputs[m], g_out)
+        grads_out = dict(zip(owners, torch.autograd.grad(logits, outs, grad_outputs=v, retain_graph=j < len(cotangents) - 1), strict=True))
         b = len(x)
-        cols = [per_module[name.rpartition(".")[0]][name.rpartition(".")[2]].reshape(b, -1) for name in params]
-        results.append(torch.cat(cols, dim=1))
+        if out is None:
+            buf = torch.empty(b, sum(p.numel() for p in params.values()), dtype=v.dtype, device=v.device)
+        else:
+            buf = out[j] if isinstance(out, (list, tuple)) else out
+        start, done = 0, {}
+        for name, p in params.items():
+            mod_name, _, attr = name.rpartition(".")
+            view = buf[:, start : start + p.numel()]
+            start += p.numel()
+            module, a, g = modules[mod_name], inputs[mod_name], grads_out[mod_name]
+            if type(module) is nn.Linear and a.ndim == 2:
+                if attr == "weight":  # outer product g a^T, written in place
+                    torch.mul(g[:, :, None], a[:, None, :], out=view.view(b, *p.shape))
+                else:
+                    view.copy_(g)
+                continue
+            if mod_name not in done:
+                done[mod_name] = _module_sample_grads(module, a, g)
+            view.copy_(done[mod_name][attr].reshape(b, -1))
+        results.append(buf)
     return results
 
 
@@ -390,8 +413,9 @@ def class_gradients(
 
                 return f
 
-            rows = _hook_grads(model, x, [cot(c) for c in range(n_classes)], layers)
-            return probs, torch.stack(rows, dim=1)
+            rows = torch.empty(len(x), n_classes, count_selected(model, layers), dtype=probs.dtype, device=probs.device)
+            _hook_grads(model, x, [cot(c) for c in range(n_classes)], layers, out=[rows[:, c] for c in range(n_classes)])
+            return probs, rows
         logits, jac = logits_jacobian(model, x, layers)
         probs = torch.softmax(logits, dim=1)
         eye = torch.eye(probs.shape[1], dtype=probs.dtype, device=probs.device)
