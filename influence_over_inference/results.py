@@ -1,0 +1,142 @@
+"""Influence results as people read them: top-k tables, the images behind them, and the summary file.
+
+The notebook computes scores with :class:`.influence.InfluenceEngine`; this module turns a
+:class:`.influence.TopK` into a printed table (one row per training image: kind, rank, index,
+class, file, score) and into the ``(index, image, label, score)`` tuples that
+:func:`.plots.plot_influence` draws, and writes ``results/influence.json`` in the format that
+:func:`.slides.load_influence_results` documents and reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .data import CIFAR10Data, CIFAR10Split
+from .influence import TopK
+
+
+def top_k_images(best: TopK, row: int, train: CIFAR10Split) -> tuple[list, list]:
+    """``(helpful, harmful)`` for test image ``row``: lists of (index, uint8 image, label, score)."""
+
+    def pick(indices, scores):
+        return [(int(i), train.images[int(i)], int(train.labels[int(i)]), float(s)) for i, s in zip(indices, scores, strict=True)]
+
+    return pick(best.helpful[row], best.helpful_scores[row]), pick(best.harmful[row], best.harmful_scores[row])
+
+
+def format_top_k(test_index: int, label: int, pred: int, best: TopK, row: int, train: CIFAR10Split, classes) -> str:
+    """A fixed-width table of the top-k helpful and harmful training images for one test image."""
+    label, pred = int(label), int(pred)
+    lines = [
+        f"test image {test_index}: true {classes[label]}, predicted {classes[pred]}"
+        + ("" if label == pred else "  (misclassified)"),
+        f"{'kind':8s} {'rank':>4s} {'index':>6s}  {'class':10s} {'file':22s} {'score':>11s}",
+    ]
+    for kind, idx, sc in (("helpful", best.helpful, best.helpful_scores), ("harmful", best.harmful, best.harmful_scores)):
+        for rank, (i, s) in enumerate(zip(idx[row].tolist(), sc[row].tolist(), strict=True), start=1):
+            lines.append(f"{kind:8s} {rank:4d} {i:6d}  {classes[int(train.labels[i])]:10s} {train.names[i]:22s} {s:+11.3e}")
+    return "\n".join(lines)
+
+
+def write_influence_summary(
+    path: str | os.PathLike,
+    test_indices: list[int],
+    data: CIFAR10Data,
+    predictions: torch.Tensor,
+    best: TopK,
+    scores: torch.Tensor,
+    solver,
+    train_meta: dict,
+    notes: list[str] | None = None,
+    seconds: float | None = None,
+    rgb_test_index: int | None = None,
+    checkpoint: str | None = None,
+) -> Path:
+    """Write the notebook's influence results (format: :func:`.slides.load_influence_results`) atomically."""
+    path = Path(path)
+    k = best.helpful.shape[1]
+    entries = []
+    for row, t in enumerate(test_indices):
+        entries.append({
+            "index": int(t),
+            "label": int(data.test.labels[t]),
+            "pred": int(predictions[t]),
+            "note": (notes or [None] * len(test_indices))[row],
+            "helpful": [{"index": int(i), "score": float(s)} for i, s in zip(best.helpful[row], best.helpful_scores[row], strict=True)],
+            "harmful": [{"index": int(i), "score": float(s)} for i, s in zip(best.harmful[row], best.harmful_scores[row], strict=True)],
+            "n_positive": int((scores[row] > 0).sum()),
+        })
+    summary = {
+        "data_source": data.source,
+        "checkpoint": checkpoint,
+        "n_train": int(scores.shape[1]),
+        "k": int(k),
+        "solver": {"name": solver.name, **solver.describe()},
+        "seconds": seconds,
+        "test_accuracy": train_meta.get("test_accuracy"),
+        "test_images": entries,
+        "rgb_test_index": rgb_test_index,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def validation_figures(validation) -> list:
+    """The leave-one-out scatters and the flipped-label curve from :func:`.slides.load_validation`.
+
+    A missing result gives one figure that says so and names the command that makes it.
+    """
+    from matplotlib.figure import Figure
+
+    from .plots import plot_fraction_found, plot_loo_scatter
+    from .slide_pages import _flip_curves, _pairs
+
+    if not validation:
+        fig = Figure(figsize=(8, 1.5))
+        fig.text(0.02, 0.5, validation.message(), fontsize=12, va="center")
+        return [fig]
+    figs = []
+    for kind, what in (("convex", "last layer (convex)"), ("network", "whole network")):
+        pairs = _pairs(validation, kind)
+        if pairs:
+            fig = Figure(figsize=(4.2 * len(pairs), 4.2), layout="constrained")
+            for ax, (label, pred, act) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs, strict=True):
+                plot_loo_scatter(pred, act, ax=ax, title=f"{what}, {label}")
+            figs.append(fig)
+    curves = _flip_curves(validation)
+    if curves:
+        figs.append(plot_fraction_found(curves, title="Finding flipped labels"))
+    return figs
+
+
+def choose_test_images(labels: torch.Tensor, predictions: torch.Tensor, classes, reader_index: int | None = None,
+                       cls: str = "dog") -> tuple[list[int], list[str]]:
+    """The notebook's test images: the first correctly classified ``cls`` image (the first ``cls``
+    image if none is correct), the first misclassified image, and the reader's choice.
+
+    Returns ``(indices, notes)``; the notes say why each was chosen.
+    """
+    if reader_index is not None and not 0 <= reader_index < len(labels):
+        raise ValueError(f"test index {reader_index} is out of range: the test set has {len(labels)} images (0-{len(labels) - 1})")
+    target = classes.index(cls)
+    right = torch.nonzero((labels == target) & (predictions == labels)).flatten()
+    if len(right):
+        first, note = int(right[0]), f"a correctly classified {cls}"
+    else:
+        first, note = int(torch.nonzero(labels == target).flatten()[0]), f"a {cls} (none classified correctly)"
+    indices, notes = [first], [note]
+    wrong = torch.nonzero(predictions != labels).flatten()
+    if len(wrong):
+        indices.append(int(wrong[0]))
+        notes.append("a misclassified image")
+    if reader_index is not None:
+        indices.append(int(reader_index))
+        notes.append("the reader's choice")
+    return indices, notes
