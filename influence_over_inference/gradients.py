@@ -384,6 +384,65 @@ def _unfold(a: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
     return view.reshape(b, c * kh * kw, ho * wo)
 
 
+def class_gradient_parts(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str | None = None):
+    """:func:`class_gradients` without building the ``nn.Linear`` weight rows (hooks path only).
+
+    Returns ``(probs (B, C), parts)`` with ``parts[name]`` for each chosen parameter, in order:
+    ``("outer", g (B, C, out), a (B, in))`` for a Linear weight (row ``[i, c]`` is ``g[i, c] a[i]^T``)
+    or ``("rows", (B, C, numel))``. Used to form Gram matrices of the GGN factor cheaply
+    (``<g a^T, g' a'^T> = (g . g') (a . a')``). None if the model is not hooks-compatible.
+    """
+    if not _hooks_supported(model, layers):
+        return None
+    check_inputs(x, what="class_gradient_parts")
+    was_training = model.training
+    model.eval()
+    try:
+        params = select_parameters(model, layers)
+        modules = dict(model.named_modules())
+        owners = list(dict.fromkeys(name.rpartition(".")[0] for name in params))
+        inputs, outputs = {}, {}
+
+        def hook_for(mod_name):
+            def hook(module, args, output):
+                if mod_name in inputs:
+                    raise RuntimeError(f"layer {mod_name} called more than once per forward pass")
+                inputs[mod_name] = args[0].detach()
+                outputs[mod_name] = output
+
+            return hook
+
+        handles = [modules[m].register_forward_hook(hook_for(m)) for m in owners]
+        try:
+            with torch.enable_grad():
+                logits = model(x)
+        finally:
+            for h in handles:
+                h.remove()
+        probs = torch.softmax(logits.detach(), dim=1)
+        b, n_classes = probs.shape
+        per_class = []  # per class: {module: grad at its output}
+        for c in range(n_classes):
+            cot = probs.clone()
+            cot[:, c] -= 1.0
+            cot = cot * probs[:, c : c + 1].sqrt()
+            grads = torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot, retain_graph=c < n_classes - 1)
+            per_class.append(dict(zip(owners, grads, strict=True)))
+        parts = {}
+        for name in params:
+            mod_name, _, attr = name.rpartition(".")
+            module, a = modules[mod_name], inputs[mod_name]
+            if type(module) is nn.Linear and a.ndim == 2:
+                g = torch.stack([pc[mod_name] for pc in per_class], dim=1)  # (B, C, out)
+                parts[name] = ("outer", g, a) if attr == "weight" else ("rows", g)
+            else:
+                rows = torch.stack([_module_sample_grads(module, a, pc[mod_name])[attr].reshape(b, -1) for pc in per_class], dim=1)
+                parts[name] = ("rows", rows)
+        return probs, parts
+    finally:
+        model.train(was_training)
+
+
 def class_gradients(
     model: nn.Module,
     x: torch.Tensor,

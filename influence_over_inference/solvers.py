@@ -45,6 +45,7 @@ from .gradients import (
     _split_params,
     as_tensors,
     check_inputs,
+    class_gradient_parts,
     class_gradients,
     count_selected,
     data_length,
@@ -654,6 +655,9 @@ class FastSolver(InverseHVP):
         gen = torch.Generator().manual_seed(s.seed)
         m = min(s.n_samples, self.n_train)
         idx = torch.randperm(self.n_train, generator=gen)[:m].sort().values
+        if _hooks_supported(self.model, self.layers):
+            self._fit_ghost(idx)
+            return
         from tqdm.auto import tqdm
 
         rows = []
@@ -670,6 +674,63 @@ class FastSolver(InverseHVP):
         evals, evecs = evals[nonzero], evecs[:, nonzero]
         self.eigenvalues = evals  # (r,)
         self.eigenvectors = (factor.T @ evecs) / evals.sqrt()  # (P, r), orthonormal columns
+
+    def _fit_ghost(self, idx: torch.Tensor) -> None:
+        """The same eigenpairs without materialising Linear-weight rows: the factor's Gram matrix
+        from ``(g . g')(a . a')`` per Linear layer, then the eigenvectors' Linear parts as
+        ``sum_rows w_row g_row a_row^T``. Several times faster and far lighter for the real CNN."""
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        m = len(idx)
+        chunks = []
+        for start in tqdm(range(0, m, s.chunk_size), desc="fast solver: GGN factor", unit="chunk", disable=not self.progress, leave=False):
+            x, _ = self._train_tensors(idx[start : start + s.chunk_size])
+            chunks.append(class_gradient_parts(self.model, x, self.layers)[1])
+        names = list(chunks[0])
+        parts = {}
+        for name in names:
+            kind = chunks[0][name][0]
+            if kind == "outer":
+                g = torch.cat([c[name][1] for c in chunks])  # (m, C, out)
+                a = torch.cat([c[name][2] for c in chunks])  # (m, in)
+                parts[name] = ("outer", g.reshape(-1, g.shape[-1]), a)
+            else:
+                r = torch.cat([c[name][1] for c in chunks])  # (m, C, k)
+                parts[name] = ("rows", r.reshape(-1, r.shape[-1]))
+        n_classes = chunks[0][names[0]][1].shape[1]
+        del chunks
+        gram = None
+        for kind, *t in parts.values():
+            if kind == "outer":
+                g, a = t
+                aa = a @ a.T  # (m, m)
+                term = (g @ g.T) * aa.repeat_interleave(n_classes, 0).repeat_interleave(n_classes, 1)
+            else:
+                term = t[0] @ t[0].T
+            gram = term if gram is None else gram + term
+        gram /= m  # Gram of factor = rows / sqrt(m)
+        evals, evecs = torch.linalg.eigh(gram)
+        keep = min(s.rank, len(evals))
+        evals, evecs = evals.flip(0)[:keep].clamp_min(0), evecs.flip(1)[:, :keep]
+        nonzero = evals > evals[0] * 1e-10 if len(evals) else evals > 0
+        evals, evecs = evals[nonzero], evecs[:, nonzero]
+        coef = evecs / (evals.sqrt() * math.sqrt(m))  # (m*C, r): U = rows^T coef
+        blocks = []
+        for kind, *t in parts.values():
+            if kind == "outer":
+                g, a = t  # (m*C, out), (m, in)
+                a_rows = a.repeat_interleave(n_classes, 0)  # (m*C, in)
+                cols = []
+                for k0 in range(0, coef.shape[1], 64):
+                    w = coef[:, k0 : k0 + 64]  # (R, k)
+                    weighted = (w.T[:, :, None] * g[None]).transpose(1, 2)  # (k, out, R)
+                    cols.append((weighted @ a_rows).reshape(w.shape[1], -1).T)  # (out*in, k)
+                blocks.append(torch.cat(cols, dim=1))
+            else:
+                blocks.append(t[0].T @ coef)  # (numel, r)
+        self.eigenvalues = evals
+        self.eigenvectors = torch.cat(blocks, dim=0)  # (P, r)
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)

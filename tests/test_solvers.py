@@ -231,3 +231,14 @@ def test_fast_solver_scores_track_exact_on_a_trained_conv_net():
           f"gradient dot product: Pearson {dot.mean():.4f}")
     assert pearson.mean() >= FAST_PEARSON and spearman.mean() >= FAST_SPEARMAN
     assert dot.mean() < 0.8  # curvature matters on this net
+
+
+def test_fast_solver_on_a_model_without_the_hook_path_is_exact_at_full_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(torch.float64)
+    x, y = blobs(30, (6,), 3, seed=0)
+    fit(model, x, y, WD, steps=30)
+    v = grad_z(model, x[:3], y[:3])
+    exact = make_solver("exact", damping=0.05).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", damping=0.05, rank=1000, n_samples=30).fit(model, x, y, weight_decay=WD)
+    assert rel(fast.inverse_hvp(v), exact.inverse_hvp(v)) < EXACT_REL
