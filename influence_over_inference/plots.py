@@ -210,11 +210,12 @@ def _spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def plot_loo_scatter(predicted, actual, ax: Axes | None = None, title: str | None = None,
-                     label: str | None = None) -> Figure:
+                     label: str | None = None, separator: str = ", ") -> Figure:
     """Leave-one-out check: predicted (x) against actual (y) change in the test loss when one
     training image is removed, with the y = x line; Pearson and Spearman in the title.
 
-    ``title`` goes on the first line of the title, above the correlations.
+    ``title`` goes on the first line of the title, above the correlations (joined by
+    ``separator``: ``"\n"`` puts them on two lines, for narrow panels).
     """
     x = np.asarray(predicted, dtype=float).reshape(-1)
     y = np.asarray(actual, dtype=float).reshape(-1)
@@ -236,15 +237,15 @@ def plot_loo_scatter(predicted, actual, ax: Axes | None = None, title: str | Non
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], "k--", linewidth=1, label="y = x")
     ax.axhline(0, color="0.8", linewidth=0.8, zorder=0)
     ax.axvline(0, color="0.8", linewidth=0.8, zorder=0)
-    scale = f" (\u00d710$^{{{e}}}$)" if e else ""
+    scale = f"\n(\u00d710$^{{{e}}}$)" if e else ""
     ax.set_xlabel(f"predicted change in test loss{scale}")
     ax.set_ylabel(f"actual change, retrained{scale}")
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(5, prune="lower"))  # keep the corner for the y labels
     ax.yaxis.set_major_locator(MaxNLocator(6))
-    stats = (f"Pearson {format_correlation(_pearson(x[finite], y[finite]))}, "
-             f"Spearman {format_correlation(_spearman(x[finite], y[finite]))}")
+    stats = (f"Pearson {format_correlation(_pearson(x[finite], y[finite]))}"
+             f"{separator}Spearman {format_correlation(_spearman(x[finite], y[finite]))}")
     ax.set_title(f"{title}\n{stats}" if title else stats)
     return fig
 
@@ -269,6 +270,32 @@ def plot_fraction_found(curves: Mapping[str, tuple], ax: Axes | None = None,
     ax.set_ylabel("fraction of flipped labels found")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def plot_sign_deltas(harmful_removed, helpful_removed, labels: Sequence[str] | None = None,
+                     ax: Axes | None = None, title: str | None = None) -> Figure:
+    """The sign, checked by retraining: for each test image, the change in its test loss after
+    removing the training images ranked most harmful (should fall: below 0) and, separately, the
+    most helpful (should rise: above 0). Grouped bars, one group per test image."""
+    harm = np.asarray(harmful_removed, dtype=float).reshape(-1)
+    helps = np.asarray(helpful_removed, dtype=float).reshape(-1)
+    if harm.shape != helps.shape:
+        raise ValueError(f"{len(harm)} harmful-removed but {len(helps)} helpful-removed changes")
+    labels = list(labels) if labels is not None else [str(i + 1) for i in range(len(harm))]
+    if len(labels) != len(harm):
+        raise ValueError(f"{len(harm)} test images but {len(labels)} labels")
+    fig, ax = _new_ax(ax, (max(5.0, 0.7 * len(harm) + 2), 4.5))
+    x = np.arange(len(harm))
+    ax.bar(x - 0.2, harm, width=0.4, color=HARMFUL_COLOR, label="most harmful removed")
+    ax.bar(x + 0.2, helps, width=0.4, color=HELPFUL_COLOR, label="most helpful removed")
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_xticks(x, labels)
+    ax.set_xlabel("test image")
+    ax.set_ylabel("change in test loss")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)  # above the bars
     if title:
         ax.set_title(title)
     return fig

@@ -403,13 +403,13 @@ def loo_slide(inputs, config):
     if isinstance(val, Missing):
         _not_computed(body, val)
         return title, fig
-    plots_area, text = body.subfigures(1, 2, width_ratios=[1.75, 1])
+    plots_area, text = body.subfigures(1, 2, width_ratios=[2.2, 1])
     axes = plots_area.subplots(1, 2)
-    for ax, kind, name in ((axes[0], "convex", "last layer"), (axes[1], "network", "whole network, CG")):
+    for ax, kind, name in ((axes[0], "convex", "last layer"), (axes[1], "network", "whole network (CG)")):
         pairs = loo_pairs(val, kind)
         if pairs:
             label, p, a = pairs[0]
-            plots.plot_loo_scatter(p, a, ax=ax, title=f"{name}, {label}")
+            plots.plot_loo_scatter(p, a, ax=ax, title=f"{name}\n{label}", separator="\n")
         else:
             ax.set_axis_off()
             ax.text(0.5, 0.5, f"{name}:\n{NOT_COMPUTED}\nrun: python -m\ninfluence_over_inference\n"
@@ -430,7 +430,7 @@ def loo_slide(inputs, config):
 
 
 def flipped_slide(inputs, config):
-    title = "Flipped labels, and the sign"
+    title = "Finding flipped labels"
     val = inputs.validation
     fig, body = _new_page(title, _footer("results/validation.json", _source(val)))
     if isinstance(val, Missing):
@@ -457,27 +457,60 @@ def flipped_slide(inputs, config):
         if val.get("last_layer_found_at_20") is not None:
             items.append(f"Self-influence of the last layer alone: {_pct(val['last_layer_found_at_20'])} "
                          f"after 20%; ROC-AUC {_fmt(val.get('last_layer_auc'))}.")
+        if val.get("memorising_flipped_found_at_20") is not None:
+            details = val.get("memorising_flipped_details") or {}
+            train_acc = details.get("train_accuracy")
+            items.append(
+                f"A model that memorises them ({_count(_n_of(val, 'flipped_memorising'))} images"
+                + (f", {_pct(train_acc)} training accuracy" if train_acc is not None else "")
+                + f"): after 20%, self-influence {_pct(val['memorising_flipped_found_at_20'])}, last "
+                f"layer {_pct(val.get('memorising_last_layer_found_at_20'))}, training loss "
+                f"{_pct(val.get('memorising_loss_found_at_20'))}.")
+    _bullets(right, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
+    return title, fig
+
+
+def sign_slide(inputs, config):
+    title = "The sign, checked by retraining"
+    val = inputs.validation
+    fig, body = _new_page(title, _footer("results/validation.json", _source(val)))
+    cmd = COMMANDS["validation"].rsplit(" ", 1)[0] + " sign"
+    if isinstance(val, Missing):
+        _not_computed(body, val)
+        return title, fig
+    if val.get("sign_harmful_removed_delta") is None:
+        _not_computed(body, f"the sign by retraining \u2014 run: {cmd}")
+        return title, fig
+    left, right = body.subfigures(1, 2, width_ratios=[1.2, 1])
+    harm, helps = val.get("sign_harmful_removed_deltas"), val.get("sign_helpful_removed_deltas")
+    if harm and helps and len(harm) == len(helps):
+        tests = val.get("sign_test_indices")
+        labels = [f"#{t}" for t in tests] if tests and len(tests) == len(harm) else None
+        ax = left.subplots()
+        plots.plot_sign_deltas(harm, helps, labels=labels, ax=ax)
+        if labels and len(labels) > 5:
+            ax.tick_params(axis="x", labelrotation=90)
+    else:
+        _not_computed(left, f"per-image changes \u2014 run: {cmd}")
     sign = (val.get("settings") or {}).get("sign") or {}
     n_remove, n_test = sign.get("n_remove"), val.get("sign_n_test")
-    if val.get("sign_harmful_removed_delta") is None:
-        items.append(f"The sign by retraining: {NOT_COMPUTED} \u2014 run: {cmd} sign")
-    else:
-        items.append(
-            f"The sign: for {_fmt(n_test, '.0f') if n_test is not None else 'the'} misclassified test "
-            f"images, remove the {(_fmt(n_remove, '.0f') + ' ') if n_remove is not None else ''}training "
-            f"images ranked most harmful (or most helpful) and retrain"
-            + (f" ({_count(_n_of(val, 'sign'))}-image model)" if _n_of(val, "sign") else "")
-            + ". Mean change in test loss:")
-        items.append(f"most harmful removed: {_fmt(val.get('sign_harmful_removed_delta'), '+.3f')} "
-                     "(should fall)" + (f"; fell for {val['sign_harmful_removed_fell']} of {n_test}"
-                                        if val.get("sign_harmful_removed_fell") is not None and n_test else ""))
-        items.append(f"most helpful removed: {_fmt(val.get('sign_helpful_removed_delta'), '+.3f')} "
-                     "(should rise)" + (f"; rose for {val['sign_helpful_removed_rose']} of {n_test}"
-                                        if val.get("sign_helpful_removed_rose") is not None and n_test else ""))
-        if val.get("sign_flipped_to_correct") is not None:
-            items.append(f"test images now classified correctly: {_fmt(val['sign_flipped_to_correct'], '.0f')}"
-                         + (f" of {n_test}" if n_test else ""))
-    _bullets(right, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
+    n_model = _n_of(val, "sign")
+    items = [
+        f"For {_fmt(n_test, '.0f') if n_test is not None else 'each of the'} misclassified test "
+        f"images, remove the {(_fmt(n_remove, '.0f') + ' ') if n_remove is not None else ''}training "
+        "images ranked most harmful (or most helpful) and retrain"
+        + (f" (a {n_model:,}-image model)" if n_model else "") + ".",
+        f"Most harmful removed: mean change {_fmt(val.get('sign_harmful_removed_delta'), '+.3f')} "
+        "(should fall)" + (f"; fell for {val['sign_harmful_removed_fell']} of {n_test}"
+                           if val.get("sign_harmful_removed_fell") is not None and n_test else "") + ".",
+        f"Most helpful removed: mean change {_fmt(val.get('sign_helpful_removed_delta'), '+.3f')} "
+        "(should rise)" + (f"; rose for {val['sign_helpful_removed_rose']} of {n_test}"
+                           if val.get("sign_helpful_removed_rose") is not None and n_test else "") + ".",
+    ]
+    if val.get("sign_flipped_to_correct") is not None:
+        items.append(f"Classified correctly after removing the most harmful: "
+                     f"{_fmt(val['sign_flipped_to_correct'], '.0f')}" + (f" of {n_test}" if n_test else "") + ".")
+    _bullets(right, items, fontsize=SMALL_PT + 2, top=0.95, gap=0.5)
     return title, fig
 
 

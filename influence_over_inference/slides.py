@@ -341,8 +341,9 @@ def freeze_layout(fig: Figure, decimals: int = 4) -> None:
 
 
 def layout_problems(fig: Figure) -> list[str]:
-    """Text on a drawn page that is cut off by the page edge, overlaps other text, or is smaller
-    than ``SMALL_PT`` (too small to read when projected)."""
+    """Text on a drawn page that is cut off by the page edge, spills out of its panel (e.g. a
+    list running into the footer), overlaps other text, or is smaller than ``SMALL_PT`` (too
+    small to read when projected)."""
     # tick locators read rcParams (tick label size) when asked: ask under the deck's settings
     with matplotlib.rc_context(FIGURE_RC):
         return _layout_problems(fig)
@@ -362,7 +363,10 @@ def _layout_problems(fig: Figure) -> list[str]:
             continue
         label = t.get_text().strip().replace("\n", " ")[:40]
         cut = box.x0 < page.x0 - 1 or box.y0 < page.y0 - 1 or box.x1 > page.x1 + 1 or box.y1 > page.y1 + 1
-        boxes.append((box, label, f"cut off: {label!r}" if cut else None))
+        area = t.figure.bbox  # the SubFigure (region of the page) the text belongs to
+        spills = box.x0 < area.x0 - 1 or box.y0 < area.y0 - 1 or box.x1 > area.x1 + 1 or box.y1 > area.y1 + 1
+        message = f"cut off: {label!r}" if cut else f"outside its panel: {label!r}" if spills else None
+        boxes.append((box, label, message))
         if t.get_fontsize() < SMALL_PT - 1e-9:
             boxes[-1] = (box, label, (boxes[-1][2] or "") + f"too small ({t.get_fontsize():g} pt): {label!r}")
     problems = [msg for _, _, msg in boxes if msg]
@@ -424,7 +428,7 @@ def build_pages(inputs: Inputs, config: SlidesConfig) -> list[tuple[str, Figure]
         for build in builders:
             pages.append(build(inputs, config))
         pages.extend(sp.influence_slides(inputs, config))
-        for build in (sp.loo_slide, sp.flipped_slide, sp.engine_slide, sp.applications_slide,
+        for build in (sp.loo_slide, sp.flipped_slide, sp.sign_slide, sp.engine_slide, sp.applications_slide,
                       sp.references_slide):
             pages.append(build(inputs, config))
         for _, fig in pages:

@@ -130,3 +130,12 @@ def test_figures_render_without_pyplot_state(images):
         fig = plots.plot_image_grid(images[:4], [0, 1, 2, 3], CLASSES)
         fig.canvas.draw()  # lays out and renders without errors
     assert plt.get_fignums() == before
+
+
+def test_sign_deltas_two_bars_per_test_image():
+    fig = plots.plot_sign_deltas([-0.5, -0.2, 0.1], [0.4, 0.6, 0.2], labels=["#1", "#2", "#3"])
+    (ax,) = fig.axes
+    assert len(ax.patches) == 6
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["#1", "#2", "#3"]
+    with pytest.raises(ValueError, match="helpful"):
+        plots.plot_sign_deltas([1.0], [1.0, 2.0])

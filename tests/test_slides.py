@@ -74,6 +74,9 @@ def _write_results(root, data):
                   "loss_found_at_20": 0.52, "loss_auc": 0.7, "sign_harmful_removed_delta": -0.4567,
                   "sign_helpful_removed_delta": 0.789, "sign_n_test": 10, "sign_harmful_removed_fell": 9,
                   "sign_helpful_removed_rose": 10, "sign_flipped_to_correct": 4,
+                  "sign_harmful_removed_deltas": (-0.5 + 0.1 * rng.normal(size=10)).tolist(),
+                  "sign_helpful_removed_deltas": (0.8 + 0.1 * rng.normal(size=10)).tolist(),
+                  "sign_test_indices": list(range(3, 13)),
                   "settings": {"sign": {"n_remove": 100}}, "minutes": {"flipped": 3.0},
                   "data_source": data.source, "arrays": "validation_arrays.npz",
                   "n_train": {"loo_convex": N_TRAIN, "loo_network": 100, "flipped": N_TRAIN, "sign": 100}}
@@ -103,14 +106,14 @@ def _text(path) -> list[str]:
 def test_deck_has_every_slide_with_the_results_numbers(deck):
     config, path, titles, problems = deck
     pages = _text(path)
-    assert len(pages) == len(titles) == 14  # 11 fixed slides + one per test image (3)
+    assert len(pages) == len(titles) == 15  # 12 fixed slides + one per test image (3)
     assert problems == []  # nothing cut off, no text overlapping
     everything = "\n".join(pages)
     for expected in ("Influence over inference", "Test image #5: a correctly classified dog",
                      "Test image #12 (bird, predicted deer)",
                      "0.99, 0.98, 0.96",  # convex leave-one-out Pearson, rounded
                      "83%",  # flipped labels found at 20% checked
-                     "-0.457", "+0.789", "fell for 9 of 10",  # the sign by retraining
+                     "-0.457", "+0.789", "fell for 9 of 10", "4 of 10",  # the sign by retraining
                      "cg: 0.91, 0.87, 0.85",  # whole-network leave-one-out, per solver
                      "312", "1,999 MB",  # speedup and peak RSS
                      "43.2%",  # test accuracy
@@ -141,7 +144,7 @@ def test_missing_results_give_not_computed_slides(tmp_path, data):
                           engine_json=str(tmp_path / "none" / "engine.json"))
     path, titles, problems = build_slides(config, data=data)
     pages = _text(path)
-    assert len(pages) == len(titles) == 12  # one placeholder instead of the influence slides
+    assert len(pages) == len(titles) == 13  # one placeholder instead of the influence slides
     assert problems == []
     joined = " ".join("\n".join(pages).split())
     for command in ("train --json results/train.json", "influence_over_inference notebook",
@@ -160,11 +163,14 @@ def test_layout_check_finds_small_overlapping_and_cut_off_text():
     fig.text(0.5, 0.5, "on top of it", fontsize=20)
     fig.text(0.99, 0.2, "runs off the page", fontsize=20)
     fig.text(0.1, 0.1, "tiny", fontsize=8)
+    top, _ = fig.subfigures(2, 1)
+    top.text(0.1, -0.3, "runs into the panel below", fontsize=20)
     problems = layout_problems(fig)
     assert "overlap: 'readable' and 'on top of it'" in problems
     assert "cut off: 'runs off the page'" in problems
     assert "too small (8 pt): 'tiny'" in problems
-    assert len(problems) == 3
+    assert "outside its panel: 'runs into the panel below'" in problems
+    assert len(problems) == 4
 
 
 def test_influence_loader_reads_the_cli_report_and_flags_malformed_files(tmp_path):
