@@ -663,13 +663,15 @@ def loo_retrain_actuals(model, x, y, x_test, y_test, removals: list[int], config
 
     order = data_order(len(y), config.steps, config.batch_size, torch.Generator().manual_seed(config.seed))
     cache.absorb(partners)
+    for key in [k for k, v in cache.entries.items() if len(v) != len(y_test)]:  # made for other test images
+        del cache.entries[key]
     if "control" not in cache:
         control = retrain(model, x, y, torch.ones(len(y)), config, order)
         cache.put("control", test_losses(control, x_test, y_test).tolist())
     out = {}
     for j in tqdm(removals, desc="leave-one-out retraining", disable=not progress):
         cache.absorb(partners)
-        if j not in cache:
+        if j not in cache or len(cache[j]) != len(y_test):
             w = torch.ones(len(y))
             w[j] = 0.0
             cache.put(j, test_losses(retrain(model, x, y, w, config, order), x_test, y_test).tolist())
@@ -719,7 +721,8 @@ def run_loo_network(data, config: NetworkLOOConfig | None = None, cache_dir: str
               for k in range(len(idx))]
     removals = list(dict.fromkeys(j for c in chosen for j in c))  # test image 0's first, no repeats
     settings = {"experiment": "loo-network", "checkpoint": file_sha256(ckpt), "data_source": data.source,
-                "subset_indices_sha": settings_key({"i": indices.tolist()}), "retrain": asdict(config.retrain)}
+                "subset_indices_sha": settings_key({"i": indices.tolist()}), "retrain": asdict(config.retrain),
+                "test_indices": list(config.test_indices)}
     base_path = Path(cache_dir) / f"loo-network-runs-{settings_key(settings)}.json"
     paths = [base_path] + [base_path.with_name(f"{base_path.stem}-worker{w}.json") for w in range(1, workers)]
     cache = ResultCache(paths[worker], settings)
