@@ -242,3 +242,16 @@ def test_fast_solver_on_a_model_without_the_hook_path_is_exact_at_full_rank():
     exact = make_solver("exact", damping=0.05).fit(model, x, y, weight_decay=WD)
     fast = make_solver("fast", damping=0.05, rank=1000, n_samples=30).fit(model, x, y, weight_decay=WD)
     assert rel(fast.inverse_hvp(v), exact.inverse_hvp(v)) < EXACT_REL
+
+
+def test_randomized_top_eigenpairs_match_eigh():
+    from influence_over_inference.solvers import top_eigh
+
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))
+    spectrum = 10.0 ** torch.linspace(2, -6, 300, dtype=torch.float64)  # fast decay, like a GGN's
+    matrix = (q * spectrum) @ q.T
+    evals, evecs = top_eigh(matrix, 40, torch.Generator().manual_seed(1))
+    assert torch.allclose(evals[:20], spectrum[:20], rtol=1e-6)
+    projector = evecs[:, :20] @ evecs[:, :20].T
+    assert torch.allclose(projector, q[:, :20] @ q[:, :20].T, atol=1e-4)
