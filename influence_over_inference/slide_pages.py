@@ -350,6 +350,8 @@ def loo_pairs(validation, kind: str, solver: str | None = None) -> list[tuple[st
     mapping solver -> rows)."""
     if isinstance(validation, Missing) or not isinstance(validation, dict):
         return []
+    if kind == "network":
+        kind = network_prefix(validation)[len("loo_"):]
     tests = validation.get(f"loo_{kind}_test_indices")
     arrays = validation.get("_arrays", {})
     rows = []
@@ -359,13 +361,13 @@ def loo_pairs(validation, kind: str, solver: str | None = None) -> list[tuple[st
             rows.append((arrays[f"loo_convex_predicted_{k}"], arrays[f"loo_convex_actual_{k}"]))
             k += 1
     else:
-        solvers = sorted({key[len("loo_network_predicted_"):].rsplit("_", 1)[0]
-                          for key in arrays if key.startswith("loo_network_predicted_")})
+        head = f"loo_{kind}_predicted_"
+        solvers = sorted({key[len(head):].rsplit("_", 1)[0] for key in arrays if key.startswith(head)})
         if solvers:
             solver = solver or ("cg" if "cg" in solvers else solvers[0])
             k = 0
-            while f"loo_network_predicted_{solver}_{k}" in arrays and f"loo_network_actual_{k}" in arrays:
-                rows.append((arrays[f"loo_network_predicted_{solver}_{k}"], arrays[f"loo_network_actual_{k}"]))
+            while f"{head}{solver}_{k}" in arrays and f"loo_{kind}_actual_{k}" in arrays:
+                rows.append((arrays[f"{head}{solver}_{k}"], arrays[f"loo_{kind}_actual_{k}"]))
                 k += 1
     if not rows:
         pred, act = validation.get(f"loo_{kind}_predicted"), validation.get(f"loo_{kind}_actual")
@@ -382,6 +384,17 @@ def loo_pairs(validation, kind: str, solver: str | None = None) -> list[tuple[st
 
 
 _pairs = loo_pairs  # the name the notebook's helpers first used
+
+
+def network_prefix(validation) -> str:
+    """The key prefix of the whole-network leave-one-out to show: ``loo_network`` when present,
+    else the first variant the validation summary holds (``loo_network_<variant>_pearson``)."""
+    if isinstance(validation, dict) and "loo_network_pearson" not in validation:
+        variants = sorted(k[: -len("_pearson")] for k in validation
+                          if k.startswith("loo_network_") and k.endswith("_pearson"))
+        if variants:
+            return variants[0]
+    return "loo_network"
 
 
 def _n_of(val, experiment: str) -> int | None:
@@ -417,13 +430,18 @@ def loo_slide(inputs, config):
                     ha="center", va="center", fontsize=SMALL_PT, color="0.25",
                     bbox={"boxstyle": "round,pad=0.6", "facecolor": "0.93", "edgecolor": "0.6"})
     convex = val.get("loo_convex_pearson")
-    network = val.get("loo_network_pearson")
+    prefix = network_prefix(val)
+    network = val.get(f"{prefix}_pearson")
+    retrain = ((val.get("settings") or {}).get(prefix) or {}).get("retrain") or {}
     items = ["Remove one training image, retrain, compare the change in test loss with the prediction."]
     items.append(f"Last layer as logistic regression, exact Hessian, {_count(_n_of(val, 'loo_convex'))} "
                  f"images \u2014 Pearson per test image: {_corr(convex) if convex else NOT_COMPUTED}.")
-    n_net = _n_of(val, "loo_network")
-    items.append(f"Whole network{f', {n_net:,}-image subset' if n_net else ''}, retrained minus a "
-                 f"control run \u2014 Pearson: {_corr(network) if network else NOT_COMPUTED}.")
+    n_net = _n_of(val, prefix)
+    how = ", ".join(p for p in (f"lr {retrain['lr']}" if "lr" in retrain else "",
+                                f"{retrain['steps']} steps" if "steps" in retrain else "") if p)
+    items.append(f"Whole network{f', {n_net:,}-image subset' if n_net else ''}, retrained"
+                 f"{f' ({how})' if how else ''} minus a control run \u2014 Pearson: "
+                 f"{_corr(network) if network else NOT_COMPUTED}.")
     items.append("Koh & Liang report 0.86 for their CNN.")
     _bullets(text, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.45)
     return title, fig
@@ -564,7 +582,7 @@ def engine_slide(inputs, config):
         top, bottom = body.subfigures(2, 1, height_ratios=[1, 1.1])
         _not_computed(top, eng)
     else:
-        top, bottom = body.subfigures(2, 1, height_ratios=[1.3, 1])
+        top, bottom = body.subfigures(2, 1, height_ratios=[1.1, 1])
         left, right = top.subfigures(1, 2, width_ratios=[1.1, 1])
         cg_extrapolated = n_agree is not None and n_test is not None and n_agree < n_test
         plots.plot_timings({"nimarb (extrapolated)": eng.get("nimarb_t100_s"),
@@ -596,6 +614,12 @@ def engine_slide(inputs, config):
         items.append(f"One test image, the same LiSSA settings: nimarb {_fmt(eng.get('nimarb_s_per_test'), ',.0f')} s, "
                      f"ours {_fmt(eng.get('ours_s_per_test'), ',.1f')} s "
                      f"({_fmt(eng['speedup_1test_same_settings'], ',.1f')}\u00d7, vectorised gradients alone).")
+    small_acc = _get(eng, "small_test_accuracy")
+    if _get(eng, "pearson_fast_vs_exact_small") is not None and (small_acc is None or small_acc > 0.2):
+        # only for a trained small net: near initialisation any method agrees with exact influence
+        items.append(f"Against exact influence on a small LeNet ({_fmt(_get(eng, 'small_params'), ',.0f')} "
+                     f"parameters): Pearson fast {plots.format_correlation(eng['pearson_fast_vs_exact_small'])}, "
+                     f"kronfluence {_fmt(_get(eng, 'pearson_kronfluence_vs_exact_small'))}.")
     _bullets(bottom, items, fontsize=SMALL_PT + 1, top=0.97, gap=0.35)
     return title, fig
 
