@@ -134,8 +134,19 @@ def _load(cfg: BenchConfig):
     data = load_cifar10(root=str(ROOT / "data"))
     model, meta = load_checkpoint(ROOT / cfg.checkpoint)
     wd = float(meta.get("recipe", {}).get("weight_decay", 0.0))
-    train = data.train.subset(cfg.n_train)
+    train = random_subset(data.train, cfg.n_train, cfg.seed)  # all 50,000 unless --quick
     return data, model.eval(), wd, train
+
+
+def random_subset(split, n: int | None, seed: int):
+    """A seeded random subset of ``n`` images (all if None), in index order. Not ``split.subset(n)``:
+    that takes the first n, and the folder source is ordered by class (the first 5,000 are airplanes)."""
+    from influence_over_inference.data import CIFAR10Split
+
+    if n is None or n >= len(split):
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return CIFAR10Split(split.images[idx], split.labels[idx], [split.names[i] for i in idx.tolist()])
 
 
 def _test(data, cfg, n):
@@ -164,9 +175,9 @@ def stage_epoch(cfg, data, model, wd, train, out):
     from influence_over_inference.training import TrainConfig
     from influence_over_inference.training import train as train_model
 
-    tc = TrainConfig(epochs=1, n_train=cfg.n_train, device="cpu", threads=cfg.threads)
+    tc = TrainConfig(epochs=1, device="cpu", threads=cfg.threads)
     start = time.perf_counter()
-    result = train_model(data.train, tc, progress=True)
+    result = train_model(train, tc, progress=True)
     # epoch_s: the training loop of one epoch (as TrainResult reports it); epoch_call_s adds setup
     return {"epoch_s": result.history[0].seconds, "epoch_call_s": time.perf_counter() - start,
             "epoch_recipe": asdict(tc)}
@@ -485,16 +496,18 @@ def stage_small(cfg, data, model, wd, train, out):
 
     torch.manual_seed(cfg.seed)
     tiny = Net(channels=tuple(cfg.small_channels), hidden=tuple(cfg.small_hidden))
-    tc = TrainConfig(epochs=cfg.small_epochs, n_train=cfg.small_n_train, device="cpu", seed=cfg.seed,
-                     threads=cfg.threads)
-    tiny = train_model(data.train, tc, model=tiny, progress=True).model.eval()
+    tc = TrainConfig(epochs=cfg.small_epochs, device="cpu", seed=cfg.seed, threads=cfg.threads)
+    small_train = random_subset(data.train, cfg.small_n_train, cfg.seed)  # class-balanced, not the first n
+    fit = train_model(small_train, tc, model=tiny, progress=True)
+    tiny = fit.model.eval()
     acc = evaluate(tiny, data.test)["accuracy"]
-    tx, ty = data.train.subset(cfg.small_n_train).tensors()
+    tx, ty = small_train.tensors()
     x, y = _test(data, cfg, cfg.small_n_test)
     tiny64 = copy.deepcopy(tiny).double()
     tx64, x64 = tx.double(), x.double()
     n = len(ty)
     res = {"small_params": count_parameters(tiny), "small_test_accuracy": acc, "small_n_train": n,
+           "small_train_accuracy": fit.history[-1].accuracy, "small_train_loss": fit.history[-1].loss,
            "small_n_test": len(y), "small_weight_decay": tc.weight_decay, "small_reference": "explicit damped GGN"}
     t0 = time.perf_counter()
     ggn = explicit_ggn(tiny64, tx64)
@@ -506,6 +519,8 @@ def stage_small(cfg, data, model, wd, train, out):
     g_test = grad_z(tiny64, x64, y)  # (K, P)
     g_train = grad_z(tiny64, tx64, ty)  # (n, P)
     fast = make_solver("fast", **cfg.fast).fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
+    # also the engine's default fast settings (all 2,000 images in the factor here)
+    fast_default = make_solver("fast").fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
     per_damping = {}
     for lam in cfg.small_dampings:
         d = tc.weight_decay + lam
@@ -513,11 +528,13 @@ def stage_small(cfg, data, model, wd, train, out):
         sc = {"exact": exact @ g_train.T / n}
         fast.settings.damping = lam
         sc["fast"] = influence(tiny64, x64, y, (tx64, ty), fast)
+        fast_default.settings.damping = lam
+        sc["fast_default"] = influence(tiny64, x64, y, (tx64, ty), fast_default)
         kron, _ = kronfluence_scores(tiny, tx, ty, x, y, d, out / f"kron_small_{lam}", batch=500)
         sc["kronfluence"] = kron.double() / n
         sc["grad_dot"] = g_test @ g_train.T / n
         row = {}
-        for method in ("fast", "kronfluence", "grad_dot"):
+        for method in ("fast", "fast_default", "kronfluence", "grad_dot"):
             r = _pearson_rows(sc[method], sc["exact"])
             row[f"pearson_{method}_vs_exact"] = float(r.mean())
             row[f"pearson_{method}_vs_exact_min"] = float(r.min())
@@ -529,6 +546,7 @@ def stage_small(cfg, data, model, wd, train, out):
         "pearson_kronfluence_vs_exact_small": head["pearson_kronfluence_vs_exact"],
         "small_by_damping": per_damping,
         "small_fast_settings": fast.describe(),
+        "small_fast_default_settings": fast_default.describe(),
     })
     return res
 
@@ -648,7 +666,7 @@ def assemble(cfg: BenchConfig, quick: bool, out: Path, stages: dict) -> dict:
                 "epoch_s", "epoch_call_s", "kronfluence_t100_s", "kronfluence_fit_s", "kronfluence_scores_s",
                 "lissa_s_test_s", "stream_s", "cg_residuals",
                 "pearson_fast_vs_exact_small", "pearson_kronfluence_vs_exact_small", "small_params",
-                "small_test_accuracy"):
+                "small_test_accuracy", "small_train_accuracy", "small_train_loss", "small_n_train"):
         if key in g:
             res[key] = g[key]
     for key in ("fast_settings", "cg_settings", "lissa_settings", "small_by_damping"):
