@@ -629,10 +629,13 @@ def applications_slide(inputs, config):
     fig, body = _new_page(title)
     left, right = body.subfigures(1, 2)
     found = _get(inputs.validation, "flipped_found_at_20", None)
+    loss = _get(inputs.validation, "loss_found_at_20", None)
     left.text(0.07, 0.97, "Applications", fontsize=24, fontweight="bold", va="top")
     _bullets(left, [
         "Checking labels: review the training images with the highest self-influence first"
-        + (f" ({_pct(found)} of flipped labels in the top 20%)." if found is not None else "."),
+        + (f" ({_pct(found)} of flipped labels in the top 20%" if found is not None else "")
+        + (f"; ranking by training loss: {_pct(loss)})." if found is not None and loss is not None
+           else ")." if found is not None else "."),
         "Debugging: the most harmful training images of a wrong prediction show what misled it.",
         "Trust: a prediction backed by similar, correctly labelled images is easier to believe.",
     ], top=0.82, left=0.07, gap=0.5)
