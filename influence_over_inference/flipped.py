@@ -28,7 +28,6 @@ from .validation import (
     roc_auc,
     save_npz_atomic,
     settings_key,
-    subset_split,
     write_json_atomic,
 )
 
@@ -99,7 +98,7 @@ def last_layer_self_influence(model, split, weight_decay: float, chunk: int = 10
     the frozen features, at the trained weights; float64. A cheap, exact companion to the engine's
     whole-network self-influence.
     """
-    from .validation import last_layer_inputs, logreg_hessian
+    from .leave_one_out import last_layer_inputs, logreg_hessian
 
     X = last_layer_inputs(model, split.images)  # (N, 85)
     W = torch.cat([model.fc3.weight, model.fc3.bias[:, None]], dim=1).detach().double()
@@ -131,9 +130,9 @@ def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.P
     from .checkpoints import file_sha256, load_checkpoint, save_checkpoint
     from .data import CIFAR10Split
     from .influence import InfluenceEngine
+    from .retraining import balanced_subset, subset_split
     from .solvers import make_solver
     from .training import TrainConfig, evaluate, train
-    from .validation import balanced_subset
 
     config = config or FlippedConfig()
     key = settings_key(asdict(config))

@@ -12,16 +12,10 @@ import torch
 from torch import nn
 
 from influence_over_inference.flipped import detection_metrics, flip_labels
-from influence_over_inference.validation import (
+from influence_over_inference.leave_one_out import (
     ConvexLOOConfig,
     NetworkLOOConfig,
-    ResultCache,
-    RetrainConfig,
-    balanced_subset,
-    data_order,
     fit_logreg,
-    found_at,
-    fraction_found,
     logreg_grad,
     logreg_hessian,
     logreg_influence,
@@ -29,10 +23,15 @@ from influence_over_inference.validation import (
     logreg_test_losses,
     loo_convex,
     loo_retrain_actuals,
+    refit_without,
+)
+from influence_over_inference.retraining import RetrainConfig, balanced_subset, data_order, retrain
+from influence_over_inference.validation import (
+    ResultCache,
+    found_at,
+    fraction_found,
     pearson,
     rankdata,
-    refit_without,
-    retrain,
     roc_auc,
     spearman,
 )
@@ -252,7 +251,8 @@ def tiny_data(n_train_per_class=4, n_test=12, seed=0):
 
 def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
     from influence_over_inference.flipped import FlippedConfig, run_flipped
-    from influence_over_inference.validation import SignConfig, run_loo_network, run_sign, summarize
+    from influence_over_inference.leave_one_out import SignConfig, run_loo_network, run_sign
+    from influence_over_inference.validation import summarize
 
     data = tiny_data()
     retrain_cfg = RetrainConfig(steps=3, batch_size=8)
