@@ -409,12 +409,35 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
     if data is None:
         from .data import DataSourceError, load_cifar10
 
+        source = config.data
+        if source in (None, "auto") and isinstance(inputs.influence, dict):
+            # the images behind the indices: the data source the influence results were made on
+            source = source_from_record(inputs.influence.get("data_source")) or source
         try:
-            inputs.data = load_cifar10(config.data, root=config.data_root)
+            inputs.data = load_cifar10(source, root=config.data_root)
         except DataSourceError as error:
             inputs.data_error = f"CIFAR-10 images unavailable ({error}); pass --data"
             log.warning("%s", inputs.data_error)
+    if inputs.data is not None and isinstance(inputs.influence, dict):
+        recorded = inputs.influence.get("data_source")
+        if recorded and recorded != inputs.data.source:
+            log.warning("influence results were made on %s but the images come from %s: "
+                        "training-image indices may name other images", recorded, inputs.data.source)
     return inputs
+
+
+def source_from_record(recorded: str | None) -> str | None:
+    """The ``load_cifar10`` source for a recorded ``data_source`` string, if it exists here:
+    ``"folder:/path (JPEG copy)"`` -> ``"/path"``; ``"torchvision:/root"`` -> ``"torchvision"``."""
+    if not recorded:
+        return None
+    kind, _, rest = recorded.partition(":")
+    if kind == "torchvision":
+        return "torchvision"
+    if kind == "folder":
+        folder = Path(rest.split(" (", 1)[0])
+        return str(folder) if folder.is_dir() else None
+    return None
 
 
 def build_pages(inputs: Inputs, config: SlidesConfig) -> list[tuple[str, Figure]]:

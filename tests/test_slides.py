@@ -189,3 +189,12 @@ def test_influence_loader_reads_the_cli_report_and_flags_malformed_files(tmp_pat
     path.write_text(json.dumps({"test_images": [{"index": 1}]}))
     assert isinstance(load_influence_results(path), Missing)
     assert "malformed" in load_influence_results(path).message()
+
+
+def test_images_come_from_the_source_the_results_were_made_on(tmp_path):
+    from influence_over_inference.slides import source_from_record
+
+    assert source_from_record(f"folder:{tmp_path} (JPEG copy)") == str(tmp_path)
+    assert source_from_record(f"folder:{tmp_path / 'gone'}") is None  # not on this machine: auto
+    assert source_from_record("torchvision:/somewhere/data") == "torchvision"
+    assert source_from_record(None) is None
