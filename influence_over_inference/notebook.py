@@ -67,10 +67,17 @@ def clean(nb) -> None:
         if pm is not None:
             cell.metadata["papermill"] = {k: v for k, v in pm.items() if k not in ("start_time", "end_time", "duration", "status")}
         if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
+            cell.outputs = [o for o in cell.outputs if not _noise(o)]
     pm = nb.metadata.get("papermill")
     if pm is not None:
         nb.metadata["papermill"] = {k: v for k, v in pm.items() if k in ("parameters", "input_path", "output_path")}
+
+
+def _noise(output) -> bool:
+    """stderr (progress bars, warnings) and progress widgets: nothing a reader of the notebook needs."""
+    if output.get("output_type") == "stream" and output.get("name") == "stderr":
+        return True
+    return "application/vnd.jupyter.widget-view+json" in output.get("data", {})
 
 
 def check_outputs(path: str | os.PathLike, k: int, n_test_images: int) -> list[str]:

@@ -140,3 +140,66 @@ def choose_test_images(labels: torch.Tensor, predictions: torch.Tensor, classes,
         indices.append(int(reader_index))
         notes.append("the reader's choice")
     return indices, notes
+
+
+def _read(path) -> dict | None:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _span(values, spec: str = ".2f") -> str:
+    vals = [float(v) for v in values]
+    lo, hi = format(min(vals), spec), format(max(vals), spec)
+    return lo if lo == hi else f"{lo} to {hi}"
+
+
+def findings(validation_path="results/validation.json", engine_path="bench/results/engine.json",
+             train_path="results/train.json") -> list[str]:
+    """The headline findings, each sentence built from a committed results file (or saying which
+    command makes the missing one). The notebook prints them; the slides read the same files."""
+    out = []
+    train = _read(train_path)
+    if train:
+        out.append(f"The CNN reaches {100 * train['test_accuracy']:.1f}% test accuracy after "
+                   f"{train['recipe']['epochs']} epochs ({train['seconds_per_epoch']:.1f} s per epoch on {train['device']}).")
+    engine = _read(engine_path)
+    if engine is None:
+        out.append("Engine benchmark: not computed; run `python bench/engine.py`.")
+    else:
+        def num(key, spec=".2f"):
+            value = engine.get(key)
+            return "n/a" if value is None else format(float(value), spec)
+        out.append(
+            f"Engine (100 test x {engine.get('n_train', 50000):,} training images): fast solver {num('t100_fast_s', '.0f')} s "
+            f"({num('t100_fast_epochs', '.1f')} training epochs), {num('speedup_vs_nimarb', ',.0f')}x faster than nimarb's "
+            f"package at its settings; kronfluence EK-FAC {num('kronfluence_t100_s', '.0f')} s. Spearman with CG: fast "
+            f"{num('spearman_fast_vs_cg')}, kronfluence {num('spearman_kronfluence_vs_cg')}, nimarb {num('spearman_nimarb_vs_cg')}. "
+            f"On a small conv net, Pearson with exact influence: fast {num('pearson_fast_vs_exact_small', '.3f')}, "
+            f"kronfluence {num('pearson_kronfluence_vs_exact_small', '.3f')}.")
+    val = _read(validation_path)
+    if val is None:
+        out.append("Validation: not computed; run `python -m influence_over_inference validate all`.")
+        return out
+    if val.get("loo_convex_pearson"):
+        out.append(f"Leave-one-out, last layer (convex): Pearson {_span(val['loo_convex_pearson'], '.4f')} "
+                   f"over {len(val['loo_convex_pearson'])} test images (goal 0.95).")
+    network = val.get("loo_network_pearson")
+    if isinstance(network, dict) and network:
+        parts = ", ".join(f"{solver} {_span(v)}" for solver, v in network.items())
+        out.append(f"Leave-one-out, whole network (retrained, control subtracted): Pearson {parts} (goal 0.9; Koh & Liang 0.86).")
+    if val.get("flipped_found_at_20") is not None:
+        line = (f"Flipped labels (10%): checking the top 20% by self-influence finds {100 * val['flipped_found_at_20']:.0f}% "
+                f"of them, by training loss {100 * val.get('loss_found_at_20', float('nan')):.0f}%")
+        if val.get("last_layer_found_at_20") is not None:
+            line += f", by last-layer self-influence {100 * val['last_layer_found_at_20']:.0f}%"
+        out.append(line + f" (random: {100 * val.get('random_found_at_20', 0.2):.0f}%).")
+    if val.get("sign_harmful_removed_delta") is not None:
+        out.append(f"The sign, by retraining ({val.get('sign_n_test', '?')} misclassified test images): removing the 100 most "
+                   f"harmful changes their test loss by {val['sign_harmful_removed_delta']:+.2f} on average, removing the 100 "
+                   f"most helpful by {val['sign_helpful_removed_delta']:+.2f}.")
+    return out
