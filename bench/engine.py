@@ -521,6 +521,7 @@ def stage_small(cfg, data, model, wd, train, out):
     fast = make_solver("fast", **cfg.fast).fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
     # also the engine's default fast settings (all 2,000 images in the factor here)
     fast_default = make_solver("fast").fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
+    described = {"small_fast_settings": fast.describe(), "small_fast_default_settings": fast_default.describe()}
     per_damping = {}
     for lam in cfg.small_dampings:
         d = tc.weight_decay + lam
@@ -545,8 +546,7 @@ def stage_small(cfg, data, model, wd, train, out):
         "pearson_fast_vs_exact_small": head["pearson_fast_vs_exact"],
         "pearson_kronfluence_vs_exact_small": head["pearson_kronfluence_vs_exact"],
         "small_by_damping": per_damping,
-        "small_fast_settings": fast.describe(),
-        "small_fast_default_settings": fast_default.describe(),
+        **described,  # damping: the headline value; small_by_damping has the others
     })
     return res
 
