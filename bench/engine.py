@@ -581,7 +581,8 @@ def run_stage(name: str, quick: bool) -> None:
     start = time.perf_counter()
     result = globals()[f"stage_{name}"](cfg, data, model, wd, train, out)
     result.update({"stage_wall_s": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb(),
-                   "load_avg": os.getloadavg(), "threads": torch.get_num_threads()})
+                   "load_avg": os.getloadavg(), "threads": torch.get_num_threads(),
+                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     _write_json(result, out / f"{name}.json")
 
 
@@ -689,6 +690,10 @@ def assemble(cfg: BenchConfig, quick: bool, out: Path, stages: dict) -> dict:
     res["peak_rss_mb_by_stage"] = {k: v.get("peak_rss_mb") for k, v in stages.items()}
     res["wall_s_by_stage"] = {k: v.get("stage_wall_s") for k, v in stages.items()}
     res["load_avg_by_stage"] = {k: v.get("load_avg") for k, v in stages.items()}
+    res["finished_at_by_stage"] = {
+        k: v.get("finished_at") or (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime((out / f"{k}.json").stat().st_mtime))
+                                    if (out / f"{k}.json").exists() else None)
+        for k, v in stages.items()}
     res.update(agreement(out, cfg.n_agree))
     res["notes"] = notes(cfg, n_train)
     res["git"] = _git_state()
@@ -731,11 +736,13 @@ def notes(cfg: BenchConfig, n_train: int) -> list[str]:
            "preconditioner; cg_true_residual checks it)."
            if cfg.cg_cached_factor else "the engine's CGSolver as it is (factor rows held, float64 recurrences)."),
         f"spearman_lissa_vs_cg: our LiSSA ({cfg.curvature}, batch {cfg.lissa_batch}) at depth {cfg.lissa_depth}, "
-        "not 5000: a GGN LiSSA step over a minibatch costs ~1-2 s on this loaded CPU, so depth 5000 would take "
-        "hours; scale " + ("1.5 x the largest minibatch eigenvalue found by power iteration on 5 minibatches."
+        "not 5000: see lissa_s_test_s (all agreement vectors together) for the cost of this depth on this loaded "
+        "CPU; depth 5000 would take 25x longer; scale " + ("1.5 x the largest minibatch eigenvalue found by power iteration on 5 minibatches."
                            if cfg.lissa_scale is None else f"{cfg.lissa_scale}."),
         f"threads: every stage ran with torch.set_num_threads({cfg.threads}) on a shared 2-core machine; "
         "load_avg_by_stage records how busy it was.",
+        "Stages are cached: a stage rerun with --only reuses the others' results; git records the commit at "
+        "assembly, finished_at_by_stage when each stage's result was written.",
     ]
 
 
