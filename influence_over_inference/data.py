@@ -106,7 +106,11 @@ class CIFAR10Split(Dataset):
         return normalize_uint8(self.images[idx]), self.labels[idx]
 
     def subset(self, n: int | None) -> CIFAR10Split:
-        """The first ``n`` images (all if ``n`` is None), same order, same indices."""
+        """The first ``n`` images (all if ``n`` is None), same order, same indices.
+
+        The image-folder order is sorted by class, so a prefix is not class-balanced: use
+        :func:`balanced_subset` for a small training set.
+        """
         if n is None or n >= len(self):
             return self
         if n <= 0:
@@ -125,6 +129,24 @@ class CIFAR10Data:
     @property
     def classes(self) -> tuple[str, ...]:
         return CLASSES
+
+
+def balanced_subset(data: CIFAR10Data, n: int | None) -> CIFAR10Data:
+    """``data`` with a class-balanced training subset of ``n`` images (None: unchanged).
+
+    Takes the first ``n // 10`` images of each class, in the split's order. (``subset(n)`` takes
+    the first ``n``, which in the class-sorted image-folder order are all airplanes.) Training
+    indices then count positions in the subset; ``names`` still identify the files. The source
+    string records the subset, so results and checkpoints made on it never pass for full-set ones.
+    """
+    if n is None or n >= len(data.train):
+        return data
+    per_class = n // len(CLASSES)
+    if per_class < 1:
+        raise ValueError(f"a balanced subset needs at least {len(CLASSES)} images, got {n}")
+    keep = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:per_class] for c in range(len(CLASSES))])
+    train = CIFAR10Split(data.train.images[keep], data.train.labels[keep], [data.train.names[i] for i in keep.tolist()])
+    return CIFAR10Data(train, data.test, source=f"{data.source} [balanced subset: {per_class} per class]")
 
 
 def resolve_source(source: str | os.PathLike | None = None, root: str | os.PathLike = "data") -> tuple[str, Path]:

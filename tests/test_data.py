@@ -142,3 +142,19 @@ def test_subset_keeps_indices(image_folder, tmp_path):
     sub = d.train.subset(7)
     assert len(sub) == 7 and sub.names == d.train.names[:7]
     assert d.train.subset(None) is d.train
+
+
+def test_balanced_subset_takes_every_class_and_marks_the_source(image_folder, tmp_path):
+    from influence_over_inference.data import balanced_subset
+
+    root, _ = image_folder
+    d = load_cifar10(root, cache_dir=tmp_path / "cache")
+    assert d.train.subset(10).labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # a prefix is class-sorted
+    sub = balanced_subset(d, 20)
+    assert sub.train.labels.bincount().tolist() == [2] * 10
+    assert sub.train.names[:3] == ["airplane/0000.png", "airplane/0001.png", "automobile/0000.png"]
+    assert sub.source != d.source and "balanced subset: 2 per class" in sub.source
+    assert sub.test is d.test
+    assert balanced_subset(d, None) is d
+    with pytest.raises(ValueError, match="at least 10"):
+        balanced_subset(d, 5)

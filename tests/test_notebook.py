@@ -24,6 +24,17 @@ def test_committed_notebook_has_no_defs_and_a_parameters_cell():
         assert len(c.source.splitlines()) <= 12, c.source
 
 
+def test_committed_notebook_holds_a_full_run():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    assert NOTEBOOK.stat().st_size < 5_000_000
+    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert "QUICK = False" in params.source
+    assert check_outputs(NOTEBOOK, k=5, n_test_images=3) == []
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "50,000 training" in text and "JPEG copy" in text
+
+
+
 @pytest.mark.skipif(not _cifar_available(), reason="CIFAR-10 not available (no internet and no CIFAR10_DIR)")
 def test_notebook_runs_in_quick_mode(tmp_path):
     out, seconds = run_notebook(
