@@ -205,12 +205,12 @@ def _hooks_supported(model: nn.Module, layers) -> bool:
     return True
 
 
-def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers, out=None) -> list[torch.Tensor]:
-    """Per-sample gradients (B, P) for each cotangent function of the logits ``(B, C) -> (B, C)``.
+def _capture_layers(model: nn.Module, x: torch.Tensor, layers):
+    """One forward pass with hooks on the modules that own the selected parameters.
 
-    Row ``i`` of result ``j`` is ``J_i^T cotangents[j](logits)_i``: with the label cotangent
-    (softmax - onehot) that is the per-example loss gradient. One forward pass serves all.
-    ``out``: a (B, P) buffer (one cotangent) or a list of them (one per cotangent), written in place.
+    Returns ``(params, owners, inputs, outputs, logits)``: the selected parameters, their owning
+    module names (in order), each module's detached input and (graph-attached) output, and the
+    logits. Raises if a module runs more than once per forward pass (use ``method='vmap'``).
     """
     params = select_parameters(model, layers)
     modules = dict(model.named_modules())
@@ -234,6 +234,18 @@ def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers, out=None)
             h.remove()
     if any(c != 1 for c in calls.values()):
         raise RuntimeError(f"layers called more than once per forward pass ({calls}); use method='vmap'")
+    return params, owners, inputs, outputs, logits
+
+
+def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers, out=None) -> list[torch.Tensor]:
+    """Per-sample gradients (B, P) for each cotangent function of the logits ``(B, C) -> (B, C)``.
+
+    Row ``i`` of result ``j`` is ``J_i^T cotangents[j](logits)_i``: with the label cotangent
+    (softmax - onehot) that is the per-example loss gradient. One forward pass serves all.
+    ``out``: a (B, P) buffer (one cotangent) or a list of them (one per cotangent), written in place.
+    """
+    params, owners, inputs, outputs, logits = _capture_layers(model, x, layers)
+    modules = dict(model.named_modules())
     outs = [outputs[m] for m in owners]
     results = []
     for j, cotangent in enumerate(cotangents):
@@ -300,27 +312,8 @@ def grad_dot(
 
 
 def _hook_dots(model, x, y, vectors, layers):
-    params = select_parameters(model, layers)
+    params, owners, inputs, outputs, logits = _capture_layers(model, x, layers)
     modules = dict(model.named_modules())
-    owners = list(dict.fromkeys(name.rpartition(".")[0] for name in params))
-    inputs, outputs = {}, {}
-
-    def hook_for(mod_name):
-        def hook(module, args, output):
-            if mod_name in inputs:
-                raise RuntimeError(f"layer {mod_name} called more than once per forward pass; use grad_z(method='vmap')")
-            inputs[mod_name] = args[0].detach()
-            outputs[mod_name] = output
-
-        return hook
-
-    handles = [modules[m].register_forward_hook(hook_for(m)) for m in owners]
-    try:
-        with torch.enable_grad():
-            logits = model(x)
-    finally:
-        for h in handles:
-            h.remove()
     cot = _label_cotangent(y)(logits.detach())
     grads_out = dict(zip(owners, torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot), strict=True))
     per_param = unflatten_params(vectors, params)  # {name: (K, *shape)}
@@ -398,27 +391,8 @@ def class_gradient_parts(model: nn.Module, x: torch.Tensor, layers: Sequence[str
     was_training = model.training
     model.eval()
     try:
-        params = select_parameters(model, layers)
+        params, owners, inputs, outputs, logits = _capture_layers(model, x, layers)
         modules = dict(model.named_modules())
-        owners = list(dict.fromkeys(name.rpartition(".")[0] for name in params))
-        inputs, outputs = {}, {}
-
-        def hook_for(mod_name):
-            def hook(module, args, output):
-                if mod_name in inputs:
-                    raise RuntimeError(f"layer {mod_name} called more than once per forward pass")
-                inputs[mod_name] = args[0].detach()
-                outputs[mod_name] = output
-
-            return hook
-
-        handles = [modules[m].register_forward_hook(hook_for(m)) for m in owners]
-        try:
-            with torch.enable_grad():
-                logits = model(x)
-        finally:
-            for h in handles:
-                h.remove()
         probs = torch.softmax(logits.detach(), dim=1)
         b, n_classes = probs.shape
         per_class = []  # per class: {module: grad at its output}
