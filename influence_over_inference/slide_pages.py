@@ -638,14 +638,16 @@ def applications_slide(inputs, config):
            else ")." if found is not None else "."),
         "Debugging: the most harmful training images of a wrong prediction show what misled it.",
         "Trust: a prediction backed by similar, correctly labelled images is easier to believe.",
-    ], top=0.82, left=0.07, gap=0.5)
+    ], fontsize=BODY_PT - 2, top=0.84, left=0.07, gap=0.45)
     right.text(0.07, 0.97, "Future work", fontsize=24, fontweight="bold", va="top")
     _bullets(right, [
-        "Perturbation stress tests: do rankings survive noise, JPEG and small input changes?",
-        "Larger models (ResNets, transformers) on a GPU.",
-        "Other solvers: Arnoldi, EK-FAC, TRAK; training-time methods such as TracIn.",
-        "Scaling out: sharding training gradients across machines.",
-    ], top=0.82, left=0.07, gap=0.5)
+        "Perturbation stress tests: are the rankings stable under small changes of the test image "
+        "or of the training run (seed, data order)?",
+        "A more accurate fast solver: more curvature samples or a few preconditioned CG steps, "
+        "to close the gap to CG.",
+        "Larger models (ResNets) and other solvers (EK-FAC, Arnoldi) on the same benchmarks.",
+        "Scaling out: gradients on the GPU and across machines, scores for the whole test set.",
+    ], fontsize=BODY_PT - 2, top=0.84, left=0.07, gap=0.45)
     return title, fig
 
 
