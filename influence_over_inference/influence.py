@@ -311,7 +311,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-train", type=int, default=None, help="score only the first N training images (default: all)")
     p.add_argument("--cache-dir", default="data/influence", help="cache of fitted curvature and scores (default: data/influence)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    p.add_argument("--out", default="results/influence", help="writes <out>.json (top-k) and <out>.npz (all scores) (default: results/influence)")
+    p.add_argument("--out", default="data/influence/report", help="writes <out>.json (top-k) and <out>.npz (all scores) (default: data/influence/report; the notebook owns results/influence.json)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     seen = set()
     for cls in SOLVERS.values():

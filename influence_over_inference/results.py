@@ -96,7 +96,7 @@ def validation_figures(validation) -> list:
     from matplotlib.figure import Figure
 
     from .plots import plot_fraction_found, plot_loo_scatter
-    from .slide_pages import _flip_curves, _pairs
+    from .slide_pages import flip_curves, loo_pairs
 
     if not validation:
         fig = Figure(figsize=(8, 1.5))
@@ -104,13 +104,13 @@ def validation_figures(validation) -> list:
         return [fig]
     figs = []
     for kind, what in (("convex", "last layer (convex)"), ("network", "whole network")):
-        pairs = _pairs(validation, kind)
+        pairs = loo_pairs(validation, kind)
         if pairs:
             fig = Figure(figsize=(4.2 * len(pairs), 4.2), layout="constrained")
             for ax, (label, pred, act) in zip(fig.subplots(1, len(pairs), squeeze=False)[0], pairs, strict=True):
                 plot_loo_scatter(pred, act, ax=ax, title=f"{what}, {label}")
             figs.append(fig)
-    curves = _flip_curves(validation)
+    curves = flip_curves(validation)
     if curves:
         figs.append(plot_fraction_found(curves, title="Finding flipped labels"))
     return figs

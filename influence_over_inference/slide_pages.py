@@ -383,7 +383,6 @@ def loo_pairs(validation, kind: str, solver: str | None = None) -> list[tuple[st
             for t, (p, a) in zip(tests, rows, strict=False)]
 
 
-_pairs = loo_pairs  # the name the notebook's helpers first used
 
 
 def network_prefix(validation) -> str:
@@ -562,7 +561,6 @@ def flip_curves(val) -> dict:
     return dict(sorted(out.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
 
 
-_flip_curves = flip_curves  # the name the notebook's helpers first used
 
 
 # --------------------------------------------------------------------------------------------
