@@ -14,6 +14,7 @@ fi
 if [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r requirements.txt
+  python -m pip install -q --no-deps --no-build-isolation -e .  # the package, importable from anywhere
   python -m ipykernel install --sys-prefix --name python3 >/dev/null
   touch .venv/.installed
 fi
