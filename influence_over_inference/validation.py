@@ -186,35 +186,33 @@ class ResultCache:
                     self.entries.setdefault(key, value)
 
 
-def load_result(path: Path, settings: dict) -> dict | None:
-    """A finished experiment's result file if it was made with ``settings`` (else None): reruns are instant,
-    and keep the minutes of the run that computed them."""
+def _read_result(path: Path, matches) -> dict | None:
+    """The JSON result at ``path`` if it exists, parses and ``matches(result["settings"])``; else None."""
     if not path.exists():
         return None
     try:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if result.get("settings") != json.loads(json.dumps(settings)):
+    if not matches(result.get("settings", {})):
         return None
     log.info("loaded finished result %s", path)
     return result
+
+
+def load_result(path: Path, settings: dict) -> dict | None:
+    """A finished experiment's result file if it was made with ``settings`` (else None): reruns are instant,
+    and keep the minutes of the run that computed them."""
+    wanted = json.loads(json.dumps(settings))
+    return _read_result(path, lambda found: found == wanted)
 
 
 def load_config_result(path: Path, config: dict, data_source: str) -> dict | None:
     """As :func:`load_result` for results whose ``settings`` hold the config's fields plus extras."""
-    if not path.exists():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
     wanted = json.loads(json.dumps(config))
-    found = result.get("settings", {})
-    if {k: found.get(k) for k in wanted} != wanted or found.get("data_source") != data_source:
-        return None
-    log.info("loaded finished result %s", path)
-    return result
+    return _read_result(
+        path, lambda found: {k: found.get(k) for k in wanted} == wanted and found.get("data_source") == data_source
+    )
 
 
 def settings_key(settings: dict, length: int = 10) -> str:
