@@ -6,10 +6,14 @@ the PyTorch CIFAR-10 tutorial it grew from.
 
 from __future__ import annotations
 
-from influence_over_inference.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from influence_over_inference.data import CLASSES, balanced_subset, load_cifar10
-from influence_over_inference.model import Net, count_parameters
-from influence_over_inference.training import TrainConfig, evaluate, train, train_or_load
+from influence_over_inference.study.checkpoints import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
+from influence_over_inference.study.data import CLASSES, balanced_subset, load_cifar10
+from influence_over_inference.study.model import Net, count_parameters
+from influence_over_inference.study.training import TrainConfig, evaluate, train, train_or_load
 
 __all__ = [
     "CLASSES", "CheckpointError", "Net", "TrainConfig", "balanced_subset", "count_parameters", "load_cifar10",

@@ -57,9 +57,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from influence_over_inference import nimarb_reference as nr  # noqa: E402
-from influence_over_inference.checkpoints import file_sha256, load_checkpoint  # noqa: E402
-from influence_over_inference.data import atomic_torch_save, load_cifar10  # noqa: E402
+from influence_over_inference.engine.hashing import file_sha256
+from influence_over_inference.engine.io import atomic_torch_save
+from influence_over_inference.study import nimarb_reference as nr
+from influence_over_inference.study.checkpoints import load_checkpoint
+from influence_over_inference.study.data import load_cifar10
 
 log = logging.getLogger("bench")
 
@@ -141,7 +143,7 @@ def _load(cfg: BenchConfig):
 def random_subset(split, n: int | None, seed: int):
     """A seeded random subset of ``n`` images (all if None), in index order. Not ``split.subset(n)``:
     that takes the first n, and the folder source is ordered by class (the first 5,000 are airplanes)."""
-    from influence_over_inference.data import CIFAR10Split
+    from influence_over_inference.study.data import CIFAR10Split
 
     if n is None or n >= len(split):
         return split
@@ -155,7 +157,7 @@ def _test(data, cfg, n):
 
 def _scores_for(model, s_vectors, train, solver_like):
     """Our streamed scores (K, n) for given s_test vectors (project sign, 1/n included)."""
-    from influence_over_inference.influence import influence
+    from influence_over_inference.engine.scores import influence
 
     x0 = torch.zeros(len(s_vectors), 3, 32, 32)
     y0 = torch.zeros(len(s_vectors), dtype=torch.long)
@@ -164,7 +166,7 @@ def _scores_for(model, s_vectors, train, solver_like):
 
 def _lissa_like(model, train, wd):
     """A fitted (matrix-free, instant) solver, for the streaming scorer's bookkeeping."""
-    from influence_over_inference.solvers import make_solver
+    from influence_over_inference.engine.solvers.registry import make_solver
 
     return make_solver("lissa").fit(model, train, weight_decay=wd)
 
@@ -172,8 +174,8 @@ def _lissa_like(model, train, wd):
 # ----------------------------------------------------------------------------- stages
 
 def stage_epoch(cfg, data, model, wd, train, out):
-    from influence_over_inference.training import TrainConfig
-    from influence_over_inference.training import train as train_model
+    from influence_over_inference.study.training import TrainConfig
+    from influence_over_inference.study.training import train as train_model
 
     tc = TrainConfig(epochs=1, device="cpu", threads=cfg.threads)
     start = time.perf_counter()
@@ -201,8 +203,8 @@ def stage_nimarb_same(cfg, data, model, wd, train, out):
 
 
 def stage_ours_same(cfg, data, model, wd, train, out):
-    from influence_over_inference.influence import influence, s_test
-    from influence_over_inference.solvers import make_solver
+    from influence_over_inference.engine.scores import influence, s_test
+    from influence_over_inference.engine.solvers.registry import make_solver
 
     x, y = _test(data, cfg, 1)
     solver = make_solver("lissa", curvature="hessian", damping=cfg.damping, scale=cfg.same_scale,
@@ -246,8 +248,8 @@ def stage_nimarb_own(cfg, data, model, wd, train, out):
 
 
 def stage_fast(cfg, data, model, wd, train, out):
-    from influence_over_inference.influence import influence, s_test
-    from influence_over_inference.solvers import make_solver
+    from influence_over_inference.engine.scores import influence, s_test
+    from influence_over_inference.engine.solvers.registry import make_solver
 
     x, y = _test(data, cfg, cfg.n_test)
     t0 = time.perf_counter()
@@ -268,7 +270,7 @@ class FactorGGN:
     R (m*C, P) computed once (the engine's :func:`ggn_factor`), float32 rows, float64 results."""
 
     def __init__(self, model, x, damping: float, chunk: int = 100):
-        from influence_over_inference.solvers import ggn_factor
+        from influence_over_inference.engine.curvature import ggn_factor
 
         m = len(x)
         rows = None
@@ -323,9 +325,9 @@ def stage_cg(cfg, data, model, wd, train, out):
     preconditioned by the fast solver (fitted in the "fast" stage, state cached), float64
     recurrences; otherwise the engine's own CGSolver as it is.
     """
-    from influence_over_inference.gradients import grad_z
-    from influence_over_inference.influence import s_test
-    from influence_over_inference.solvers import make_solver
+    from influence_over_inference.engine.gradients import grad_z
+    from influence_over_inference.engine.scores import s_test
+    from influence_over_inference.engine.solvers.registry import make_solver
 
     x, y = _test(data, cfg, cfg.n_agree)
     t0 = time.perf_counter()
@@ -357,8 +359,9 @@ def stage_cg(cfg, data, model, wd, train, out):
 
 
 def stage_lissa(cfg, data, model, wd, train, out):
-    from influence_over_inference.influence import s_test
-    from influence_over_inference.solvers import LiSSADivergenceError, make_solver
+    from influence_over_inference.engine.scores import s_test
+    from influence_over_inference.engine.solvers.lissa import LiSSADivergenceError
+    from influence_over_inference.engine.solvers.registry import make_solver
 
     x, y = _test(data, cfg, cfg.n_agree)
     t0 = time.perf_counter()
@@ -475,7 +478,7 @@ def _pearson_rows(a, b):
 def explicit_ggn(model, x, chunk_size=200):
     """The explicit GGN (P, P) of the mean cross-entropy over ``x``: ``(1/n) sum_i R_i^T R_i`` with
     ``R_i`` the (C, P) rows ``sqrt(p_ic) grad L(x_i, label c)`` (exact for softmax cross-entropy)."""
-    from influence_over_inference.gradients import class_gradients
+    from influence_over_inference.engine.gradients import class_gradients
 
     ggn = None
     for start in range(0, len(x), chunk_size):
@@ -487,12 +490,13 @@ def explicit_ggn(model, x, chunk_size=200):
 
 
 def stage_small(cfg, data, model, wd, train, out):
-    from influence_over_inference.gradients import grad_z
-    from influence_over_inference.influence import influence
-    from influence_over_inference.model import Net, count_parameters
-    from influence_over_inference.solvers import curvature_products, make_solver
-    from influence_over_inference.training import TrainConfig, evaluate
-    from influence_over_inference.training import train as train_model
+    from influence_over_inference.engine.curvature import curvature_products
+    from influence_over_inference.engine.gradients import grad_z
+    from influence_over_inference.engine.scores import influence
+    from influence_over_inference.engine.solvers.registry import make_solver
+    from influence_over_inference.study.model import Net, count_parameters
+    from influence_over_inference.study.training import TrainConfig, evaluate
+    from influence_over_inference.study.training import train as train_model
 
     torch.manual_seed(cfg.seed)
     tiny = Net(channels=tuple(cfg.small_channels), hidden=tuple(cfg.small_hidden))

@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from influence_over_inference.data import load_cifar10  # noqa: E402
-from influence_over_inference.gradients import grad_z  # noqa: E402
-from influence_over_inference.model import Net  # noqa: E402
-from influence_over_inference.solvers import ggn_factor  # noqa: E402
-from influence_over_inference.training import TrainConfig, train  # noqa: E402
+from influence_over_inference.engine.curvature import ggn_factor
+from influence_over_inference.engine.gradients import grad_z
+from influence_over_inference.study.data import load_cifar10
+from influence_over_inference.study.model import Net
+from influence_over_inference.study.training import TrainConfig, train
 
 
 def pearson_rows(a, b):

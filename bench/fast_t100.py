@@ -22,11 +22,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from influence_over_inference.checkpoints import load_checkpoint  # noqa: E402
-from influence_over_inference.data import load_cifar10  # noqa: E402
-from influence_over_inference.influence import influence, s_test  # noqa: E402
-from influence_over_inference.solvers import make_solver  # noqa: E402
-from influence_over_inference.training import TrainConfig, train  # noqa: E402
+from influence_over_inference.engine.scores import influence, s_test
+from influence_over_inference.engine.solvers.registry import make_solver
+from influence_over_inference.study.checkpoints import load_checkpoint
+from influence_over_inference.study.data import load_cifar10
+from influence_over_inference.study.training import TrainConfig, train
 
 
 def main(argv=None):

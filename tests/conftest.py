@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from influence_over_inference.data import CLASSES
+from influence_over_inference.study.data import CLASSES
 
 
 def make_image_folder(root, n_train_per_class=3, n_test_per_class=2, seed=0, suffix=".png"):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from influence_over_inference import data as data_mod
-from influence_over_inference.data import (
+from influence_over_inference.study import data as data_mod
+from influence_over_inference.study.data import (
     CLASSES,
     DataSourceError,
     load_cifar10,
@@ -145,7 +145,7 @@ def test_subset_keeps_indices(image_folder, tmp_path):
 
 
 def test_balanced_subset_takes_every_class_and_marks_the_source(image_folder, tmp_path):
-    from influence_over_inference.data import balanced_subset
+    from influence_over_inference.study.data import balanced_subset
 
     root, _ = image_folder
     d = load_cifar10(root, cache_dir=tmp_path / "cache")

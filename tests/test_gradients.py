@@ -8,12 +8,10 @@ import torch
 from engine_models import DTYPE, blobs, conv, logistic, mlp
 from torch import nn
 
-from influence_over_inference.gradients import (
-    class_gradients,
+from influence_over_inference.engine.gradients import class_gradients, grad_z, iter_grad_z
+from influence_over_inference.engine.params import (
     count_selected,
     flatten_params,
-    grad_z,
-    iter_grad_z,
     select_parameters,
     unflatten_params,
 )
@@ -140,7 +138,7 @@ def test_conv_per_sample_gradients_with_stride_padding_dilation(kw):
 
 @pytest.mark.parametrize("name,make,shape,c", CASES)
 def test_grad_dot_equals_materialised_products(name, make, shape, c):
-    from influence_over_inference.gradients import grad_dot
+    from influence_over_inference.engine.gradients import grad_dot
 
     torch.manual_seed(0)
     model = make().eval()

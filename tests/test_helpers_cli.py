@@ -5,8 +5,8 @@ import torch
 
 import helpers
 from influence_over_inference.cli import main
-from influence_over_inference.data import load_cifar10
-from influence_over_inference.training import TrainConfig, train_or_load
+from influence_over_inference.study.data import load_cifar10
+from influence_over_inference.study.training import TrainConfig, train_or_load
 
 
 def test_helpers_save_load_test(tmp_path, image_folder, capsys):

@@ -11,16 +11,11 @@ import torch
 from engine_models import blobs, fit, logistic, mlp
 from torch import nn
 
-from influence_over_inference.gradients import grad_z
-from influence_over_inference.influence import (
-    InfluenceEngine,
-    influence,
-    pick_images,
-    s_test,
-    self_influence,
-    top_k,
-)
-from influence_over_inference.solvers import make_solver
+from influence_over_inference.engine.gradients import grad_z
+from influence_over_inference.engine.influence_engine import InfluenceEngine
+from influence_over_inference.engine.params import pick_images
+from influence_over_inference.engine.scores import influence, s_test, self_influence, top_k
+from influence_over_inference.engine.solvers.registry import make_solver
 
 WD = 1e-2
 LOO_PEARSON = 0.95  # predicted vs actual leave-one-out change over the 20 most influential points
@@ -155,9 +150,9 @@ def test_cli_prints_top_k_and_writes_json_and_npz(tmp_path, capsys):
     import numpy as np
     from conftest import make_image_folder
 
-    from influence_over_inference.checkpoints import save_checkpoint
     from influence_over_inference.cli import main
-    from influence_over_inference.model import Net
+    from influence_over_inference.study.checkpoints import save_checkpoint
+    from influence_over_inference.study.model import Net
 
     folder = tmp_path / "cifar"
     make_image_folder(folder, n_train_per_class=3, n_test_per_class=1)

@@ -4,15 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from influence_over_inference.checkpoints import (
+from influence_over_inference.engine.hashing import file_sha256
+from influence_over_inference.study.checkpoints import (
     CheckpointError,
-    file_sha256,
     load_checkpoint,
     save_checkpoint,
 )
-from influence_over_inference.data import CIFAR10Split
-from influence_over_inference.model import N_PARAMETERS, Net, count_parameters
-from influence_over_inference.training import TrainConfig, evaluate, resolve_device, train
+from influence_over_inference.study.data import CIFAR10Split
+from influence_over_inference.study.model import N_PARAMETERS, Net, count_parameters
+from influence_over_inference.study.training import TrainConfig, evaluate, resolve_device, train
 
 
 def tiny_split(n=64, seed=0):

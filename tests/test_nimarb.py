@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from influence_over_inference import nimarb_reference as nr
-from influence_over_inference.model import Net
+from influence_over_inference.study import nimarb_reference as nr
+from influence_over_inference.study.model import Net
 
 EXACT = 1e-10  # float64 round-off over a few hundred parameters
 DAMP, SCALE = 0.01, 25.0  # nimarb's defaults
@@ -135,8 +135,8 @@ def test_harmful_is_koh_liang_helpful(tiny):
 
 
 def test_repaired_recursion_equals_our_lissa_times_scale(tiny):
-    from influence_over_inference.gradients import grad_z
-    from influence_over_inference.solvers import LiSSASettings, LiSSASolver
+    from influence_over_inference.engine.gradients import grad_z
+    from influence_over_inference.engine.solvers.lissa import LiSSASettings, LiSSASolver
 
     model, x, y = tiny
     damp, scale, depth, wd = 0.01, 50.0, 10, 5e-4

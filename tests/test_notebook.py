@@ -3,8 +3,8 @@
 import nbformat
 import pytest
 
-from influence_over_inference.data import DataSourceError, load_cifar10
-from influence_over_inference.notebook import NOTEBOOK, check_outputs, run_notebook
+from influence_over_inference.report.notebook import NOTEBOOK, check_outputs, run_notebook
+from influence_over_inference.study.data import DataSourceError, load_cifar10
 
 
 def _cifar_available() -> bool:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from influence_over_inference import plots
-from influence_over_inference.data import CLASSES
+from influence_over_inference.report import plots
+from influence_over_inference.study.data import CLASSES
 
 
 @pytest.fixture

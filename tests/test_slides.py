@@ -10,8 +10,10 @@ import pytest
 import torch
 from pypdf import PdfReader
 
-from influence_over_inference.data import CLASSES, CIFAR10Data, CIFAR10Split
-from influence_over_inference.slides import UPSCALE, SlidesConfig, build_slides
+from influence_over_inference.report.deck import UPSCALE
+from influence_over_inference.report.slide_inputs import SlidesConfig
+from influence_over_inference.report.slides import build_slides
+from influence_over_inference.study.data import CLASSES, CIFAR10Data, CIFAR10Split
 
 N_TRAIN, N_TEST = 200, 40
 
@@ -156,7 +158,7 @@ def test_missing_results_give_not_computed_slides(tmp_path, data):
 def test_layout_check_finds_small_overlapping_and_cut_off_text():
     from matplotlib.figure import Figure
 
-    from influence_over_inference.slides import PAGE_INCHES, layout_problems
+    from influence_over_inference.report.deck import PAGE_INCHES, layout_problems
 
     fig = Figure(figsize=PAGE_INCHES)
     fig.text(0.5, 0.5, "readable", fontsize=20)
@@ -174,7 +176,7 @@ def test_layout_check_finds_small_overlapping_and_cut_off_text():
 
 
 def test_influence_loader_reads_the_cli_report_and_flags_malformed_files(tmp_path):
-    from influence_over_inference.slides import Missing, load_influence_results
+    from influence_over_inference.report.slide_inputs import Missing, load_influence_results
 
     report = {"data_source": "x", "n_train": 10, "solver": {"solver": "cg", "damping": 0.01},
               "tests": [{"test_index": 7, "label": "dog", "predicted": "cat",
@@ -192,7 +194,7 @@ def test_influence_loader_reads_the_cli_report_and_flags_malformed_files(tmp_pat
 
 
 def test_images_come_from_the_source_the_results_were_made_on(tmp_path):
-    from influence_over_inference.slides import source_from_record
+    from influence_over_inference.report.slide_inputs import source_from_record
 
     assert source_from_record(f"folder:{tmp_path} (JPEG copy)") == str(tmp_path)
     assert source_from_record(f"folder:{tmp_path / 'gone'}") is None  # not on this machine: auto

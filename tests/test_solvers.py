@@ -10,21 +10,17 @@ import torch
 from engine_models import blobs, conv, fit, logistic, mlp, trained_conv  # noqa: I001
 from torch import nn
 
-from influence_over_inference.gradients import (
+from influence_over_inference.engine.curvature import curvature_matrix, curvature_products
+from influence_over_inference.engine.gradients import grad_z
+from influence_over_inference.engine.params import (
     flatten_params,
-    grad_z,
     select_parameters,
     unflatten_params,
 )
-from influence_over_inference.solvers import (
-    CGSettings,
-    FastSolver,
-    LiSSADivergenceError,
-    LiSSASettings,
-    curvature_matrix,
-    curvature_products,
-    make_solver,
-)
+from influence_over_inference.engine.solvers.cg import CGSettings
+from influence_over_inference.engine.solvers.fast import FastSolver
+from influence_over_inference.engine.solvers.lissa import LiSSADivergenceError, LiSSASettings
+from influence_over_inference.engine.solvers.registry import make_solver
 
 EXACT_REL = 1e-8  # exact solver vs a direct solve of the explicit matrix (the issue's bound)
 CG_REL = 1e-6  # CG vs exact
@@ -213,7 +209,7 @@ def test_fast_solver_scores_track_exact_on_a_trained_conv_net():
     how well ``n_samples`` images cover the curvature (measured on the CIFAR-trained
     3,702-parameter LeNet in bench/fast_design.py, and against CG on the real model in bench/engine.py).
     """
-    from influence_over_inference.influence import influence
+    from influence_over_inference.engine.scores import influence
 
     model, x, y = trained_conv(n=300, seed=0, weight_decay=WD)
     xt, yt = blobs(10, (3, 8, 8), 4, seed=9, noise=2.0)
@@ -245,7 +241,7 @@ def test_fast_solver_on_a_model_without_the_hook_path_is_exact_at_full_rank():
 
 
 def test_randomized_top_eigenpairs_match_eigh():
-    from influence_over_inference.solvers import top_eigh
+    from influence_over_inference.engine.solvers.fast import top_eigh
 
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))

@@ -11,23 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from influence_over_inference.flipped import detection_metrics, flip_labels
-from influence_over_inference.leave_one_out import (
-    ConvexLOOConfig,
-    NetworkLOOConfig,
+from influence_over_inference.experiments.flipped import detection_metrics, flip_labels
+from influence_over_inference.experiments.logreg import (
     fit_logreg,
     logreg_grad,
     logreg_hessian,
     logreg_influence,
     logreg_loss,
     logreg_test_losses,
-    loo_convex,
-    loo_retrain_actuals,
     refit_without,
 )
-from influence_over_inference.retraining import RetrainConfig, balanced_subset, data_order, retrain
-from influence_over_inference.validation import (
-    ResultCache,
+from influence_over_inference.experiments.loo_convex import ConvexLOOConfig, loo_convex
+from influence_over_inference.experiments.loo_network import NetworkLOOConfig, loo_retrain_actuals
+from influence_over_inference.experiments.metrics import (
     found_at,
     fraction_found,
     pearson,
@@ -35,6 +31,13 @@ from influence_over_inference.validation import (
     roc_auc,
     spearman,
 )
+from influence_over_inference.experiments.retraining import (
+    RetrainConfig,
+    balanced_subset,
+    data_order,
+    retrain,
+)
+from influence_over_inference.experiments.store import ResultCache
 
 EXACT = 1e-12  # float64 identities
 AUTOGRAD = 1e-10  # closed form vs autograd in float64
@@ -238,7 +241,7 @@ def test_balanced_subset_and_configs():
 # ----------------------------------------------------------------- the experiments end to end, tiny
 
 def tiny_data(n_train_per_class=4, n_test=12, seed=0):
-    from influence_over_inference.data import CIFAR10Data, CIFAR10Split
+    from influence_over_inference.study.data import CIFAR10Data, CIFAR10Split
 
     g = torch.Generator().manual_seed(seed)
     n = 10 * n_train_per_class
@@ -250,9 +253,10 @@ def tiny_data(n_train_per_class=4, n_test=12, seed=0):
 
 
 def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
-    from influence_over_inference.flipped import FlippedConfig, run_flipped
-    from influence_over_inference.leave_one_out import SignConfig, run_loo_network, run_sign
-    from influence_over_inference.validation import summarize
+    from influence_over_inference.experiments.flipped import FlippedConfig, run_flipped
+    from influence_over_inference.experiments.loo_network import run_loo_network
+    from influence_over_inference.experiments.sign import SignConfig, run_sign
+    from influence_over_inference.experiments.summary import summarize
 
     data = tiny_data()
     retrain_cfg = RetrainConfig(steps=3, batch_size=8)

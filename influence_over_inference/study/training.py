@@ -22,7 +22,6 @@ from .model import Net
 
 log = logging.getLogger(__name__)
 
-
 @dataclass
 class TrainConfig:
     epochs: int = 12  # passes over the training set

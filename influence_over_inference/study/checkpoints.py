@@ -9,17 +9,18 @@ A plain ``state_dict`` of the nimarb CNN (as the PyTorch tutorial saves it) load
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .data import atomic_torch_save
+from ..engine.io import atomic_torch_save
 from .model import Net, build_model
 
 FORMAT = "influence-over-inference/checkpoint"
+
+
 VERSION = 1
 
 
@@ -103,12 +104,3 @@ def _check_state(model: nn.Module, state: dict, path: Path) -> None:
         if wrong:
             parts.append("shape mismatch " + "; ".join(wrong))
         raise CheckpointError(f"{path} does not hold the nimarb CNN (Net): " + ", ".join(parts))
-
-
-def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
-    """Hash of a file's bytes (first ``length`` hex digits): names caches derived from a checkpoint."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:length]

@@ -26,19 +26,34 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..engine.io import atomic_torch_save
+
 log = logging.getLogger(__name__)
 
 CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )
+
+
 MEAN = (0.5, 0.5, 0.5)
+
+
 STD = (0.5, 0.5, 0.5)
+
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
 ENV_VAR = "CIFAR10_DIR"
+
+
 # Where this project's offline machines keep the JPEG copy, relative to the repository root.
-OFFLINE_FALLBACK = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cifar10"
+OFFLINE_FALLBACK = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
+
+
 CACHE_VERSION = 1
+
 
 MANUAL_PLACEMENT_HELP = (
     "To use CIFAR-10 without internet, either (a) copy the Python version of the original "
@@ -291,16 +306,3 @@ def _load_folder(folder: Path, cache_dir: Path) -> CIFAR10Data:
         atomic_torch_save(blob, cache)
     jpeg = any(n.lower().endswith((".jpg", ".jpeg")) for n in listing["train"][:10])
     return CIFAR10Data(splits["train"], splits["test"], source=f"folder:{folder}" + (" (JPEG copy)" if jpeg else ""))
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

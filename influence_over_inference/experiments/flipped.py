@@ -11,7 +11,6 @@ kronfluence's CIFAR-10 example (ResNet-9) finds 97% at 20% checked.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,18 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .validation import (
-    CACHE_DIR,
-    found_at,
-    fraction_found,
-    load_config_result,
-    roc_auc,
-    save_npz_atomic,
-    settings_key,
-    write_json_atomic,
-)
-
-log = logging.getLogger(__name__)
+from ..engine.io import save_npz_atomic, write_json_atomic
+from .metrics import found_at, fraction_found, roc_auc
+from .store import CACHE_DIR, load_config_result, settings_key
 
 
 def flip_labels(labels: torch.Tensor, fraction: float, n_classes: int, generator: torch.Generator
@@ -80,7 +70,7 @@ class FlippedConfig:
 @torch.no_grad()
 def per_sample_losses(model, split, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy (N,) of every image of ``split`` under its (possibly flipped) label, and the predicted classes (N,)."""
-    from .data import normalize_uint8
+    from ..study.data import normalize_uint8
 
     model = model.eval()
     losses, preds = [], []
@@ -98,7 +88,7 @@ def last_layer_self_influence(model, split, weight_decay: float, chunk: int = 10
     the frozen features, at the trained weights; float64. A cheap, exact companion to the engine's
     whole-network self-influence.
     """
-    from .leave_one_out import last_layer_inputs, logreg_hessian
+    from .logreg import last_layer_inputs, logreg_hessian
 
     X = last_layer_inputs(model, split.images)  # (N, 85)
     W = torch.cat([model.fc3.weight, model.fc3.bias[:, None]], dim=1).detach().double()
@@ -127,12 +117,13 @@ def detection_metrics(rankings: dict[str, np.ndarray], flipped: np.ndarray) -> d
 def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.PathLike = CACHE_DIR,
                 progress: bool = True) -> dict:
     """Experiment 3: train on labels with ``fraction`` flipped, then rank by self-influence, loss and at random."""
-    from .checkpoints import file_sha256, load_checkpoint, save_checkpoint
-    from .data import CIFAR10Split
-    from .influence import InfluenceEngine
+    from ..engine.hashing import file_sha256
+    from ..engine.influence_engine import InfluenceEngine
+    from ..engine.solvers.registry import make_solver
+    from ..study.checkpoints import load_checkpoint, save_checkpoint
+    from ..study.data import CIFAR10Split
+    from ..study.training import TrainConfig, evaluate, train
     from .retraining import balanced_subset, subset_split
-    from .solvers import make_solver
-    from .training import TrainConfig, evaluate, train
 
     config = config or FlippedConfig()
     key = settings_key(asdict(config))

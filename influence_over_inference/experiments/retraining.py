@@ -20,10 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .validation import CACHE_DIR, settings_key
+from .store import CACHE_DIR, settings_key
 
 log = logging.getLogger(__name__)
-
 
 @dataclass
 class RetrainConfig:
@@ -103,7 +102,7 @@ def balanced_subset(labels: torch.Tensor, n_per_class: int) -> torch.Tensor:
 
 def subset_split(split, indices: torch.Tensor):
     """A :class:`CIFAR10Split` of the given indices of ``split`` (images, labels and names)."""
-    from .data import CIFAR10Split
+    from ..study.data import CIFAR10Split
 
     return CIFAR10Split(split.images[indices], split.labels[indices], [split.names[i] for i in indices.tolist()])
 
@@ -111,8 +110,8 @@ def subset_split(split, indices: torch.Tensor):
 def train_subset_model(data, n_per_class: int, train_config, cache_dir: str | os.PathLike = CACHE_DIR,
                        progress: bool = True):
     """The model trained on the class-balanced subset (cached checkpoint): ``(model, path, indices)``."""
-    from .checkpoints import load_checkpoint, save_checkpoint
-    from .training import evaluate, train
+    from ..study.checkpoints import load_checkpoint, save_checkpoint
+    from ..study.training import evaluate, train
 
     indices = balanced_subset(data.train.labels, n_per_class)
     settings = {"data_source": data.source, "n_per_class": n_per_class, "recipe": asdict(train_config)}

@@ -9,15 +9,14 @@ and every influence table has ``k`` rows.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import time
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+NOTEBOOK = Path(__file__).resolve().parents[2] / "influence_over_inference.ipynb"
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "influence_over_inference.ipynb"
+
 TABLE_ROW = re.compile(r"^\s*(helpful|harmful)\s+\d+\s+\d+\s")  # one row of an influence table
 
 
@@ -108,27 +107,3 @@ def check_outputs(path: str | os.PathLike, k: int, n_test_images: int) -> list[s
         if count != k * n_test_images:
             problems.append(f"{count} {kind} table rows, expected k={k} x {n_test_images} test images")
     return problems
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("notebook", help="run influence_over_inference.ipynb headless and save it with its outputs")
-    p.add_argument("--output", default=None, help="where to write the executed notebook (default: in place)")
-    p.add_argument("--quick", action="store_true", help="quick mode: 2,000 training images, 1 epoch, 2 test images")
-    p.add_argument("-p", "--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a parameter of the notebook's parameters cell (Python literal)")
-    p.set_defaults(func=_cmd_notebook)
-
-
-def _cmd_notebook(args) -> int:
-    import ast
-
-    params = {"QUICK": True} if args.quick else {}
-    for item in args.param:
-        name, _, value = item.partition("=")
-        try:
-            params[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            params[name] = value
-    out, seconds = run_notebook(NOTEBOOK, args.output, params)
-    print(f"executed {out} in {seconds / 60:.1f} min ({out.stat().st_size / 1e6:.2f} MB)")  # noqa: T201 (CLI output)
-    return 0

@@ -20,15 +20,22 @@ fraction of flipped labels found against the fraction of training data checked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure, SubFigure
 
+log = logging.getLogger(__name__)
+
 # Colours used throughout: helpful (removing it raises the test loss) and harmful.
 HELPFUL_COLOR = "#1a7f37"
+
+
 HARMFUL_COLOR = "#cf222e"
+
+
 # Pixel value at or above which an annotated grayscale cell gets black text (white below).
 TEXT_THRESHOLD = 128
 

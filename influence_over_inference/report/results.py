@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .data import CIFAR10Data, CIFAR10Split
-from .influence import TopK
+from ..engine.scores import TopK
+from ..study.data import CIFAR10Data, CIFAR10Split
 
 
 def top_k_images(best: TopK, row: int, train: CIFAR10Split) -> tuple[list, list]:
@@ -95,8 +95,8 @@ def validation_figures(validation) -> list:
     """
     from matplotlib.figure import Figure
 
+    from .evidence import flip_curves, loo_pairs
     from .plots import plot_fraction_found, plot_loo_scatter
-    from .slide_pages import flip_curves, loo_pairs
 
     if not validation:
         fig = Figure(figsize=(8, 1.5))

@@ -67,8 +67,14 @@ log = logging.getLogger(__name__)
 # nimarb's defaults: s_test(damp=0.01, scale=25.0, recursion_depth=5000), r_averaging 1, and the
 # PyTorch CIFAR-10 tutorial's training loader (batch 4, shuffled) that its README builds on.
 NIMARB_DAMP = 0.01
+
+
 NIMARB_SCALE = 25.0
+
+
 NIMARB_DEPTH = 5000
+
+
 NIMARB_BATCH_SIZE = 4
 
 
@@ -322,7 +328,6 @@ def published_one_step(
     return flatten([(2 - damp) * v_ - hv_ / scale for v_, hv_ in zip(v, hv, strict=True)])
 
 
-# ---------------------------------------------------------------------------------------- timing
 
 
 def timed(fn: Callable, *args, **kwargs) -> tuple[object, float]:

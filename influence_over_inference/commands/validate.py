@@ -1,0 +1,101 @@
+"""``python -m influence_over_inference validate {loo-convex,loo-network,flipped,sign,all}``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..experiments.store import ARRAYS_PATH, CACHE_DIR, SUMMARY_PATH
+from ..experiments.summary import summarize
+
+EXPERIMENTS = ("loo-convex", "loo-network", "flipped", "sign")
+
+
+def register(subparsers) -> None:
+    """``python -m influence_over_inference validate {loo-convex,loo-network,flipped,sign,all}``."""
+    p = subparsers.add_parser("validate", help="check influence against retraining: leave-one-out (convex, network), "
+                                               "flipped labels, the sign; writes results/validation.json")
+    p.add_argument("experiment", choices=(*EXPERIMENTS, "all"), help="which experiment (all: the four in turn)")
+    p.add_argument("--checkpoint", default="data/cifar_net.pt", help="trained model for loo-convex (default: %(default)s)")
+    p.add_argument("--data", default="auto", help="CIFAR-10 source, as for `train`")
+    p.add_argument("--data-root", default="data", help="where torchvision downloads to and caches live")
+    p.add_argument("--cache-dir", default=str(CACHE_DIR), help="experiment caches (default: %(default)s)")
+    p.add_argument("--out", default=str(SUMMARY_PATH), help="summary JSON (default: %(default)s)")
+    p.add_argument("--arrays", default=str(ARRAYS_PATH), help="plot arrays (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default: %(default)s, leaves a core to other work)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a field of the experiment's config (JSON value), e.g. --set n_per_class=500 "
+                        "--set epochs=30 (flipped); repeatable; only with a single experiment")
+    p.add_argument("--as", dest="summary_key", default=None,
+                   help="summary key for this run (e.g. flipped_memorising: the memorising-regime flipped run)")
+    p.add_argument("--worker", default="0/1", metavar="I/N",
+                   help="loo-network only: this process is worker I of N parallel retraining processes "
+                        "(start worker 0 first; the others once it retrains); default %(default)s")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_validate)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        field_name, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set wants FIELD=VALUE, got {pair!r}")
+        try:
+            out[field_name] = json.loads(value)
+        except ValueError:
+            out[field_name] = value
+    return out
+
+
+def cmd_validate(args) -> int:
+    from ..experiments.flipped import run_flipped
+    from ..experiments.loo_convex import ConvexLOOConfig, run_loo_convex
+    from ..experiments.loo_network import NetworkLOOConfig, run_loo_network
+    from ..experiments.sign import SignConfig, run_sign
+    from ..study.data import load_cifar10
+
+    torch.set_num_threads(args.threads)
+    data = load_cifar10(args.data, root=args.data_root)
+    from ..experiments.flipped import FlippedConfig
+
+    chosen = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
+    progress = not args.no_progress
+    sets = _overrides(args.set)
+    if sets and len(chosen) > 1:
+        raise ValueError("--set applies to a single experiment, not 'all'")
+    configs = {"loo-convex": ConvexLOOConfig, "loo-network": NetworkLOOConfig, "flipped": FlippedConfig,
+               "sign": SignConfig}
+    for name in chosen:
+        config = configs[name](**sets)
+        if name == "loo-convex":
+            r = run_loo_convex(args.checkpoint, data, config, cache_dir=args.cache_dir, progress=progress)
+            lines = [f"test image {i}: Pearson {t['pearson']:.4f}, Spearman {t['spearman']:.4f}"
+                     for i, t in zip(r["test_indices"], r["test"], strict=True)]
+        elif name == "loo-network":
+            worker, workers = (int(v) for v in args.worker.split("/"))
+            r = run_loo_network(data, config, cache_dir=args.cache_dir, progress=progress, worker=worker,
+                                workers=workers)
+            if r is None:
+                print(f"worker {worker}/{workers} done")  # noqa: T201 (CLI output)
+                continue
+            lines = [f"test image {i}: " + ", ".join(f"{s} Pearson {t['pearson'][s]:.3f} Spearman {t['spearman'][s]:.3f}"
+                                                     for s in t["pearson"])
+                     for i, t in zip(r["test_indices"], r["test"], strict=True)]
+        elif name == "flipped":
+            r = run_flipped(data, config, cache_dir=args.cache_dir, progress=progress)
+            lines = [f"{k}: found at 10% {m['found_at_10']:.3f}, at 20% {m['found_at_20']:.3f}, ROC-AUC {m['auc']:.3f}"
+                     for k, m in r["metrics"].items()]
+        else:
+            r = run_sign(data, config, cache_dir=args.cache_dir, progress=progress)
+            lines = [f"remove 100 most harmful: mean test-loss change {r['harmful_removed_delta_mean']:+.4f} "
+                     f"(fell for {r['harmful_removed_fell']}/{r['n_test']}), flipped to correct: {r['flipped_to_correct']}",
+                     f"remove 100 most helpful: mean test-loss change {r['helpful_removed_delta_mean']:+.4f} "
+                     f"(rose for {r['helpful_removed_rose']}/{r['n_test']})"]
+        summarize({args.summary_key or name.replace("-", "_"): r}, args.out, args.arrays)
+        header = f"{name} ({r['minutes']:.1f} min, n_train {r['settings']['n_train']}):"
+        print("\n  ".join([header, *lines]), flush=True)  # noqa: T201 (CLI output)
+    print(f"summary: {args.out}")  # noqa: T201 (CLI output)
+    return 0

@@ -1,0 +1,155 @@
+""":class:`InfluenceEngine`: a model, its training data and a solver, with results cached on disk.
+
+The scores themselves (and their sign convention) are in :mod:`.scores`; this module adds the
+caching of the fitted curvature, the scores and self-influence, keyed by the checkpoint's bytes,
+the data's identity and every setting, written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .gradients import DEFAULT_CHUNK
+from .params import check_inputs, data_length
+from .scores import TopK, _n_classes, influence, s_test, self_influence, top_k
+from .solvers.base import InverseHVP
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+
+class InfluenceEngine:
+    """A model, its training split and a solver, with results cached under ``cache_dir``.
+
+    ``engine = InfluenceEngine(model, data.train, make_solver("fast"), weight_decay=5e-4,
+    checkpoint="data/cifar_net.pt", data_source=data.source)``; then ``engine.scores(x, y)``
+    (n_test, n_train), ``engine.top_k(x, y, k)``, ``engine.self_influence()``. Cache keys hash
+    the checkpoint file (``file_sha256``), the data source, the training-set size, the layers
+    and the solver's settings; entries are written atomically (temp file + rename), so an
+    interrupted computation never leaves a corrupt one. No ``checkpoint``: no caching.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train,
+        solver: InverseHVP,
+        weight_decay: float = 0.0,
+        layers: Sequence[str] | str | None = None,
+        cache_dir: str | os.PathLike | None = "data/influence",
+        checkpoint: str | os.PathLike | None = None,
+        data_source: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        progress: bool = True,
+    ):
+        self.model = model.eval()
+        self.train = train
+        self.solver = solver
+        self.weight_decay = weight_decay
+        self.layers = layers
+        self.chunk_size = chunk_size
+        self.progress = progress
+        self.cache_dir = Path(cache_dir) if (cache_dir and checkpoint) else None
+        self._key_parts = None
+        if self.cache_dir is not None:
+            from .hashing import file_sha256
+
+            self._key_parts = {
+                "version": CACHE_VERSION,
+                "checkpoint": file_sha256(checkpoint),
+                "data_source": data_source or getattr(train, "source", "unknown"),
+                "n_train": data_length(train),
+                "weight_decay": weight_decay,
+                "layers": layers if layers is None or isinstance(layers, str) else list(layers),
+                "solver": solver.describe(),
+            }
+        self._fitted = False
+
+    # -- cache helpers --------------------------------------------------------------------
+    def cache_path(self, kind: str, extra: dict | None = None) -> Path | None:
+        """``<cache_dir>/<kind>-<solver>-<hash of checkpoint, data, settings, extra>.pt`` (None: no cache)."""
+        if self.cache_dir is None:
+            return None
+        blob = json.dumps({**self._key_parts, **(extra or {})}, sort_keys=True, default=str)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return self.cache_dir / f"{kind}-{self.solver.name}-{self._key_parts['checkpoint'][:8]}-{key}.pt"
+
+    def _load(self, path: Path | None):
+        if path is None or not path.is_file():
+            return None
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a foreign or damaged file: recompute
+            log.warning("ignoring unreadable cache entry %s (%s)", path, error)
+            return None
+
+    def _save(self, obj, path: Path | None) -> None:
+        if path is None:
+            return
+        from .io import atomic_torch_save
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(obj, path)
+
+    # -- the work -------------------------------------------------------------------------
+    def fit(self) -> InfluenceEngine:
+        """Fit the solver's curvature once (from the cache when present)."""
+        if self._fitted:
+            return self
+        path = self.cache_path("curvature")
+        state = self._load(path)
+        self.solver.fit(self.model, self.train, weight_decay=self.weight_decay, layers=self.layers, state=state or None,
+                        progress=self.progress)
+        if state is None:
+            cached = self.solver.state_dict()
+            if cached:
+                self._save(cached, path)
+        self._fitted = True
+        return self
+
+    def _test_key(self, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+        h = hashlib.sha256(test_x.detach().cpu().contiguous().numpy().tobytes())
+        h.update(test_y.detach().cpu().contiguous().numpy().tobytes())
+        return {"test": h.hexdigest()[:16]}
+
+    def s_test(self, test_x: torch.Tensor, test_y: torch.Tensor) -> torch.Tensor:
+        """(K, P) inverse-HVPs of the test gradients."""
+        self.fit()
+        return s_test(self.model, test_x, test_y, self.solver)
+
+    def scores(self, test_x: torch.Tensor, test_y: torch.Tensor) -> torch.Tensor:
+        """Scores (n_test, n_train), positive = helpful (see the module docstring); cached."""
+        check_inputs(test_x, test_y, _n_classes(self.model, test_x), what="test data")
+        path = self.cache_path("scores", self._test_key(test_x, test_y))
+        cached = self._load(path)
+        if cached is not None:
+            return cached["scores"]
+        self.fit()
+        out = influence(self.model, test_x, test_y, self.train, self.solver, self.chunk_size, self.progress)
+        self._save({"scores": out}, path)
+        return out
+
+    def top_k(self, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 10) -> TopK:
+        """The ``k`` most helpful and harmful training indices (and scores) per test image."""
+        return top_k(self.scores(test_x, test_y), k)
+
+    def self_influence(self) -> torch.Tensor:
+        """Self-influence (n_train,) of every training image; cached."""
+        path = self.cache_path("self_influence")
+        cached = self._load(path)
+        if cached is not None:
+            return cached["self_influence"]
+        self.fit()
+        out = self_influence(self.model, self.train, self.solver, self.chunk_size, self.progress)
+        self._save({"self_influence": out}, path)
+        return out
