@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from ..engine.influence_engine import InfluenceEngine
 from ..engine.params import pick_images
 from ..engine.scores import top_k
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -23,8 +26,23 @@ def register(subparsers) -> None:
     p.add_argument("--test-index", type=int, nargs="+", default=[0], help="test-set indices to explain (default: 0)")
     p.add_argument("--k", type=int, default=10, help="how many helpful and harmful training images to list (default: 10)")
     p.add_argument("--solver", default="fast", choices=sorted(SOLVERS), help="inverse-HVP solver (default: fast)")
-    p.add_argument("--checkpoint", default="data/cifar_net.pt", help="trained model (default: data/cifar_net.pt)")
-    p.add_argument("--data", default="auto", help="CIFAR-10 source, as for `train` (default: auto)")
+    p.add_argument("--checkpoint", default="data/cifar_net.pt",
+                   help="trained weights: this project's checkpoint or any state_dict file (default: data/cifar_net.pt)")
+    p.add_argument("--model", default=None, metavar="PACKAGE.MODULE:FACTORY",
+                   help="your own model: a class or function (importable from the current folder) that builds the "
+                        "nn.Module the checkpoint's state_dict fits (default: this project's CIFAR-10 CNN)")
+    p.add_argument("--data", default="auto",
+                   help="'auto' or 'torchvision' (CIFAR-10, as for `train`), or an image folder laid out as "
+                        "DIR/train/<class>/<image> (and optionally DIR/test/<class>/<image>), any class names and "
+                        "image size (default: auto)")
+    p.add_argument("--transform", default=None, metavar="PACKAGE.MODULE:ATTR",
+                   help="for an image folder: the transform (PIL image -> tensor) your model was trained with "
+                        "(default: ToTensor, or this project's normalisation for CIFAR-10's class folders)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="the training L2 coefficient (default: the checkpoint's record; 0 with a warning if none)")
+    p.add_argument("--layers", nargs="+", default=None,
+                   help="score only these modules' parameters (default: every parameter with requires_grad)")
+    p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: cpu)")
     p.add_argument("--data-root", default="data", help="where torchvision data and caches live (default: data)")
     p.add_argument("--n-train", type=int, default=None, help="score only the first N training images (default: all)")
     p.add_argument("--cache-dir", default="data/influence", help="cache of fitted curvature and scores (default: data/influence)")
@@ -44,12 +62,58 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_influence)
 
 
+def _load_data(args):
+    """CIFAR-10 through the study's loader, or any image folder through the generic one."""
+    from ..study.data import load_cifar10
+    from ..study.image_folder import is_cifar_folder, load_image_folder
+    from ..study.user_model import resolve_factory
+
+    folder = args.data not in ("auto", "torchvision") and Path(args.data).is_dir()
+    if folder and (args.transform or not is_cifar_folder(args.data)):
+        transform = resolve_factory(args.transform) if args.transform else None
+        return load_image_folder(args.data, transform=transform)
+    if args.transform:
+        raise ValueError("--transform applies to an image folder given with --data DIR")
+    return load_cifar10(args.data, root=args.data_root)
+
+
+def _load_model(args, device):
+    from ..study.checkpoints import load_checkpoint
+    from ..study.user_model import load_user_model
+
+    if args.model:
+        return load_user_model(args.model, args.checkpoint, device)
+    return load_checkpoint(args.checkpoint, device)
+
+
+def _weight_decay(args, meta: dict) -> float:
+    if args.weight_decay is not None:
+        if args.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+        return args.weight_decay
+    recorded = meta.get("recipe", {}).get("weight_decay", meta.get("weight_decay"))
+    if recorded is None:
+        log.warning("the checkpoint does not record its training weight decay; using 0 (pass --weight-decay)")
+        return 0.0
+    return float(recorded)
+
+
+def _train_subset(train, n: int | None):
+    """All training images, or a class-balanced subset of ``n`` for a quick look."""
+    if n is None or n >= len(train):
+        return train
+    if n < 1:
+        raise ValueError(f"--n-train must be >= 1, got {n}")
+    if hasattr(train, "subset") and not hasattr(train, "select"):
+        return train.subset(n)
+    return train.select(balanced_indices(train.labels, n))
+
+
 def cmd_influence(args) -> int:
     import numpy as np
 
     from ..engine.solvers.registry import SOLVERS, make_solver
-    from ..study.checkpoints import load_checkpoint
-    from ..study.data import CLASSES, load_cifar10
+    from ..study.training import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,14 +122,17 @@ def cmd_influence(args) -> int:
 
     settings = {f.name: getattr(args, f.name) for f in fields(cls.settings_class) if getattr(args, f.name, None) is not None}
     solver = make_solver(args.solver, **settings)
-    data = load_cifar10(args.data, root=args.data_root)
-    model, meta = load_checkpoint(args.checkpoint)
-    weight_decay = float(meta.get("recipe", {}).get("weight_decay", 0.0))
-    train = data.train.subset(args.n_train)
+    device = resolve_device(args.device)
+    data = _load_data(args)
+    classes = list(getattr(data, "classes", None) or data.train.classes)
+    model, meta = _load_model(args, device)
+    weight_decay = _weight_decay(args, meta)
+    train = _train_subset(data.train, args.n_train)
     x, y = pick_images(data.test, args.test_index)
     if args.k > len(train):
         raise ValueError(f"--k {args.k} is larger than the number of training images ({len(train)})")
-    engine = InfluenceEngine(model, train, solver, weight_decay=weight_decay, cache_dir=None if args.no_cache else args.cache_dir,
+    engine = InfluenceEngine(model, train, solver, weight_decay=weight_decay, layers=args.layers,
+                             cache_dir=None if args.no_cache else args.cache_dir,
                              checkpoint=args.checkpoint, data_source=data.source, progress=True)
     import time
 
@@ -73,24 +140,25 @@ def cmd_influence(args) -> int:
     scores = engine.scores(x, y)  # (K, n_train)
     seconds = time.perf_counter() - start
     with torch.no_grad():
-        pred = model(x).argmax(1)
+        pred = model(x.to(device)).argmax(1).cpu()
     best = top_k(scores, args.k)
-    report = {"checkpoint": args.checkpoint, "data_source": data.source, "n_train": len(train), "weight_decay": weight_decay,
-              "solver": solver.describe(), "seconds": seconds,
+    report = {"checkpoint": args.checkpoint, "model": args.model or "Net", "data_source": data.source, "n_train": len(train),
+              "weight_decay": weight_decay, "layers": args.layers, "solver": solver.describe(), "seconds": seconds,
               "sign": "score = predicted rise of the test loss if the training image were removed; positive = helpful",
               "tests": []}
     for row, t in enumerate(args.test_index):
-        entry = {"test_index": t, "test_name": data.test.names[t], "label": CLASSES[int(y[row])], "predicted": CLASSES[int(pred[row])]}
+        entry = {"test_index": t, "test_name": data.test.names[t], "label": classes[int(y[row])], "predicted": classes[int(pred[row])]}
         for kind, idx, val in (("helpful", best.helpful, best.helpful_scores), ("harmful", best.harmful, best.harmful_scores)):
-            entry[kind] = [{"index": int(i), "class": CLASSES[int(train.labels[i])], "name": train.names[int(i)], "score": float(s)}
+            entry[kind] = [{"index": int(i), "class": classes[int(train.labels[i])], "name": train.names[int(i)], "score": float(s)}
                            for i, s in zip(idx[row], val[row], strict=True)]
         report["tests"].append(entry)
-        print(f"\ntest image {t} ({entry['test_name']}): label {entry['label']}, predicted {entry['predicted']}")  # noqa: T201 (CLI output)
+        print(f"\ntest image {t} ({entry['test_name']}): label {entry['label']}, predicted {entry['predicted']}")
+        width = max(11, *(len(c) for c in classes))
         for kind in ("helpful", "harmful"):
-            print(f"  most {kind}:")  # noqa: T201
-            print(f"    {'rank':>4} {'index':>6} {'class':<11} {'score':>11}  file")  # noqa: T201
+            print(f"  most {kind}:")
+            print(f"    {'rank':>4} {'index':>6} {'class':<{width}} {'score':>11}  file")
             for r, e in enumerate(entry[kind], 1):
-                print(f"    {r:>4} {e['index']:>6} {e['class']:<11} {e['score']:>11.3e}  {e['name']}")  # noqa: T201
+                print(f"    {r:>4} {e['index']:>6} {e['class']:<{width}} {e['score']:>11.3e}  {e['name']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".json.tmp")
@@ -99,6 +167,18 @@ def cmd_influence(args) -> int:
     tmp_npz = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp_npz, scores=scores.float().numpy(), test_index=np.asarray(args.test_index), labels=y.numpy())
     os.replace(tmp_npz, out.with_suffix(".npz"))
-    print(f"\nscores of {len(args.test_index)} test x {len(train)} training images in {seconds:.1f} s "  # noqa: T201
+    print(f"\nscores of {len(args.test_index)} test x {len(train)} training images in {seconds:.1f} s "
           f"({solver.name}); wrote {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
     return 0
+
+
+def balanced_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` indices spread evenly over the classes (the first of each class, round-robin), sorted."""
+    by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+    picked, depth = [], 0
+    while len(picked) < n:
+        for members in by_class:
+            if depth < len(members) and len(picked) < n:
+                picked.append(int(members[depth]))
+        depth += 1
+    return torch.tensor(sorted(picked))

@@ -10,7 +10,7 @@ them one image at a time with ``create_graph=True``; here ``torch.func.vmap(grad
 Conventions used throughout the package:
 
 - the loss is the per-example cross-entropy, *without* the weight-decay term (weight decay enters
-  the curvature as ``weight_decay * I``; see :mod:`.solvers`);
+  the curvature as ``weight_decay * I``; see :mod:`.solvers.base`);
 - the model is used in eval mode, on the un-augmented data;
 - gradients are flattened to rows of length P in the order of ``model.named_parameters()``
   (restricted to the chosen ``layers``), so row ``i`` of the result belongs to image ``i``.

@@ -17,13 +17,18 @@ from torch import nn
 def select_parameters(model: nn.Module, layers: Sequence[str] | str | None = None) -> dict[str, torch.Tensor]:
     """The parameters influence is taken over, as ``{name: detached tensor}`` in model order.
 
-    ``layers=None`` means all parameters; otherwise a module name or parameter-name prefix, or a
-    list of them (e.g. ``["fc3"]`` or ``"fc2.weight"``). Raises ValueError naming the choices when
-    a name matches nothing.
+    ``layers=None`` means every parameter that trains (``requires_grad=True``: a frozen backbone
+    is not scored); otherwise a module name or parameter-name prefix, or a list of them (e.g.
+    ``["fc3"]`` or ``"fc2.weight"``), frozen or not. Raises ValueError naming the choices when a
+    name matches nothing, or when nothing trains.
     """
     named = dict(model.named_parameters())
     if layers is None:
-        return {k: v.detach() for k, v in named.items()}
+        chosen = {k: v.detach() for k, v in named.items() if v.requires_grad}
+        if not chosen:
+            raise ValueError("the model has no parameter with requires_grad=True; unfreeze the layers to score, "
+                             f"or name them with layers=[...] (parameters: {list(named)[:8]})")
+        return chosen
     if isinstance(layers, str):
         layers = [layers]
     chosen = {}

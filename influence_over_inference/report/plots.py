@@ -9,7 +9,7 @@ pile up in pyplot's figure manager. Font sizes follow ``matplotlib.rcParams``: w
 ``matplotlib.rc_context({"font.size": 16})`` to enlarge everything for slides.
 
 32x32 CIFAR-10 images are always drawn with nearest-neighbour interpolation so pixels stay sharp.
-The sign convention of the scores is the project's (see :mod:`influence_over_inference.influence`):
+The sign convention of the scores is the project's (see :mod:`influence_over_inference.engine.scores`):
 a score is the predicted change in the test loss if the training image were removed; positive =
 helpful, negative = harmful.
 

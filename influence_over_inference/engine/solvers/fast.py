@@ -40,7 +40,7 @@ class FastSolver(InverseHVP):
     """Top-``rank`` eigenpairs of the Gauss-Newton matrix, exact inverse on them, ``1/(wd + damping)`` elsewhere.
 
     The GGN of softmax cross-entropy factorises per example: ``sum_c p_c g(c) g(c)^T`` with
-    ``g(c)`` the gradient for label ``c`` (:func:`.gradients.class_gradients`). ``fit`` streams
+    ``g(c)`` the gradient for label ``c`` (:func:`..gradients.class_gradients`). ``fit`` streams
     these rows over a seeded subsample of ``n_samples`` training images into a factor
     ``G`` (n_samples * C, P) with ``GGN ~= G^T G`` and keeps its top ``rank`` eigenpairs
     ``U diag(e) U^T``. Then, with ``d = weight_decay + damping``::
