@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 # The commands, in the order --help lists them; each module exposes register(subparsers).
@@ -29,15 +30,25 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, OSError) as error:
         from .study.checkpoints import CheckpointError
         from .study.data import DataSourceError
 
-        if isinstance(error, (CheckpointError, DataSourceError, ValueError, FileNotFoundError)):
-            print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, (CheckpointError, DataSourceError, ValueError, OSError)):
+            print(f"error: {one_line(error)}", file=sys.stderr)
             return 2
         raise
 
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line, without terminal colour codes, never empty."""
+    text = _ANSI.sub("", str(error)).strip()
+    if isinstance(error, OSError) and error.filename and error.strerror and not text.startswith("cannot"):
+        text = f"{error.strerror}: {error.filename}"
+    return " ".join(text.split()) or type(error).__name__
 
 if __name__ == "__main__":
     sys.exit(main())

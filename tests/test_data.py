@@ -28,7 +28,7 @@ def test_folder_labels_shapes_range_and_order(image_folder, tmp_path):
     assert -1.0 <= x.min() and x.max() <= 1.0
     # pixels are the ones written (PNG is lossless)
     assert np.array_equal(d.train.images[4].numpy(), pixels[("train", "automobile", 1)])
-    assert d.source.startswith("folder:") and "JPEG" not in d.source
+    assert d.source.startswith("cifar10-folder:") and "JPEG" not in d.source and "/" not in d.source
 
 
 def test_vectorised_transform_equals_torchvision_transform(image_folder, tmp_path):
@@ -73,7 +73,8 @@ def test_env_var_selects_folder(image_folder, tmp_path, monkeypatch):
     root, _ = image_folder
     monkeypatch.setenv("CIFAR10_DIR", str(root))
     d = load_cifar10(None, root=tmp_path / "dl")
-    assert d.source == f"folder:{root.resolve()}"
+    assert d.source == load_cifar10(root, cache_dir=tmp_path / "cache").source
+    assert d.source.startswith("cifar10-folder:") and str(root) not in d.source
 
 
 def test_missing_folder_gives_clear_error(tmp_path):
@@ -132,7 +133,7 @@ def test_torchvision_source_uses_original_arrays(tmp_path, monkeypatch):
     d = load_cifar10("torchvision", root=tmp_path)
     assert len(d.train) == 5 and len(d.test) == 3
     assert d.train.labels.tolist() == [0, 1, 2, 3, 4]
-    assert d.source.startswith("torchvision:")
+    assert d.source.startswith("cifar10-torchvision:") and str(tmp_path) not in d.source
     assert int(d.test.images.max()) == 9
 
 

@@ -146,13 +146,13 @@ def test_mismatched_architecture_raises_clear_error(tmp_path):
 def test_truncated_checkpoint_raises_clear_error(tmp_path):
     path = save_checkpoint(Net(), tmp_path / "m.pt")
     path.write_bytes(path.read_bytes()[:1000])
-    _check_untouched_error(path, "not a readable PyTorch checkpoint")
+    _check_untouched_error(path, "is truncated")
 
 
 def test_foreign_file_raises_clear_error(tmp_path):
     path = tmp_path / "notes.pt"
     path.write_text("hello, I am not a checkpoint")
-    _check_untouched_error(path, "not a readable PyTorch checkpoint")
+    _check_untouched_error(path, "is not a PyTorch file")
     other = tmp_path / "list.pt"
     torch.save([1, 2, 3], other)
     _check_untouched_error(other, "not a model checkpoint")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import resource
 from dataclasses import asdict
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from influence_over_inference.engine.hashing import file_sha256
+from influence_over_inference.engine.io import write_text_atomic
 from influence_over_inference.study.checkpoints import load_checkpoint
 from influence_over_inference.study.data import load_cifar10
 
@@ -79,6 +79,4 @@ def _cache_dir(cfg, quick) -> Path:
 
 
 def _write_json(obj, path: Path):
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(obj, indent=2, default=float) + "\n", path)

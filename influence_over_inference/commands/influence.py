@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from pathlib import Path
 
 import torch
 
 from ..engine.influence_engine import InfluenceEngine
+from ..engine.io import atomic_write, check_writable, check_writable_dir, write_json_atomic
 from ..engine.params import pick_images
 from ..engine.scores import top_k
+from ..study.data import balanced_indices
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def register(subparsers) -> None:
                    help="score only these modules' parameters (default: every parameter with requires_grad)")
     p.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:N' or 'auto' (default: cpu)")
     p.add_argument("--data-root", default="data", help="where torchvision data and caches live (default: data)")
-    p.add_argument("--n-train", type=int, default=None, help="score only the first N training images (default: all)")
+    p.add_argument("--n-train", type=int, default=None,
+                   help="score a class-balanced subset of N training images (default: all)")
     p.add_argument("--cache-dir", default="data/influence", help="cache of fitted curvature and scores (default: data/influence)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     p.add_argument("--out", default="data/influence/report", help="writes <out>.json (top-k) and <out>.npz (all scores) (default: data/influence/report; the notebook owns results/influence.json)")
@@ -102,33 +103,51 @@ def _train_subset(train, n: int | None):
     """All training images, or a class-balanced subset of ``n`` for a quick look."""
     if n is None or n >= len(train):
         return train
-    if n < 1:
-        raise ValueError(f"--n-train must be >= 1, got {n}")
-    if hasattr(train, "subset") and not hasattr(train, "select"):
-        return train.subset(n)
     return train.select(balanced_indices(train.labels, n))
 
 
+def _check_args(args) -> None:
+    """Everything that can be checked before loading anything: fails in milliseconds, not minutes."""
+    if args.k < 1:
+        raise ValueError(f"--k must be >= 1, got {args.k}")
+    if args.n_train is not None and args.n_train < 1:
+        raise ValueError(f"--n-train must be >= 1, got {args.n_train}")
+    if any(t < 0 for t in args.test_index):
+        raise ValueError(f"--test-index must be >= 0, got {args.test_index}")
+    if args.weight_decay is not None and args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint at {args.checkpoint}; train one with `python -m influence_over_inference train`")
+    out = Path(args.out)
+    check_writable(out.with_suffix(".json"), "--out")
+    check_writable(out.with_suffix(".npz"), "--out")
+    if not args.no_cache:
+        check_writable_dir(args.cache_dir, "--cache-dir")
+
+
 def cmd_influence(args) -> int:
+    from dataclasses import fields
+
     import numpy as np
 
     from ..engine.solvers.registry import SOLVERS, make_solver
     from ..study.training import resolve_device
 
+    cls = SOLVERS[args.solver]
+    settings = {f.name: getattr(args, f.name) for f in fields(cls.settings_class) if getattr(args, f.name, None) is not None}
+    solver = make_solver(args.solver, **settings)  # validates the solver settings
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cls = SOLVERS[args.solver]
-    from dataclasses import fields
-
-    settings = {f.name: getattr(args, f.name) for f in fields(cls.settings_class) if getattr(args, f.name, None) is not None}
-    solver = make_solver(args.solver, **settings)
     device = resolve_device(args.device)
     data = _load_data(args)
     classes = list(getattr(data, "classes", None) or data.train.classes)
     model, meta = _load_model(args, device)
     weight_decay = _weight_decay(args, meta)
     train = _train_subset(data.train, args.n_train)
-    x, y = pick_images(data.test, args.test_index)
+    x, y = pick_images(data.test, args.test_index)  # raises for an index past the test set
     if args.k > len(train):
         raise ValueError(f"--k {args.k} is larger than the number of training images ({len(train)})")
     engine = InfluenceEngine(model, train, solver, weight_decay=weight_decay, layers=args.layers,
@@ -142,7 +161,8 @@ def cmd_influence(args) -> int:
     with torch.no_grad():
         pred = model(x.to(device)).argmax(1).cpu()
     best = top_k(scores, args.k)
-    report = {"checkpoint": args.checkpoint, "model": args.model or "Net", "data_source": data.source, "n_train": len(train),
+    report = {"checkpoint": args.checkpoint, "model": args.model or "Net", "data_source": data.source,
+              "data_label": getattr(data, "label", None), "n_train": len(train),
               "weight_decay": weight_decay, "layers": args.layers, "solver": solver.describe(), "seconds": seconds,
               "sign": "score = predicted rise of the test loss if the training image were removed; positive = helpful",
               "tests": []}
@@ -160,25 +180,9 @@ def cmd_influence(args) -> int:
             for r, e in enumerate(entry[kind], 1):
                 print(f"    {r:>4} {e['index']:>6} {e['class']:<{width}} {e['score']:>11.3e}  {e['name']}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out.with_suffix(".json"))
-    tmp_npz = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp_npz, scores=scores.float().numpy(), test_index=np.asarray(args.test_index), labels=y.numpy())
-    os.replace(tmp_npz, out.with_suffix(".npz"))
+    write_json_atomic(report, out.with_suffix(".json"))
+    arrays = {"scores": scores.float().numpy(), "test_index": np.asarray(args.test_index), "labels": y.numpy()}
+    atomic_write(out.with_suffix(".npz"), lambda tmp: np.savez_compressed(tmp, **arrays))
     print(f"\nscores of {len(args.test_index)} test x {len(train)} training images in {seconds:.1f} s "
           f"({solver.name}); wrote {out.with_suffix('.json')} and {out.with_suffix('.npz')}")
     return 0
-
-
-def balanced_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """``n`` indices spread evenly over the classes (the first of each class, round-robin), sorted."""
-    by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
-    picked, depth = [], 0
-    while len(picked) < n:
-        for members in by_class:
-            if depth < len(members) and len(picked) < n:
-                picked.append(int(members[depth]))
-        depth += 1
-    return torch.tensor(sorted(picked))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..engine.io import check_writable
 from ..report.notebook import NOTEBOOK, run_notebook
 
 
@@ -24,6 +25,7 @@ def _cmd_notebook(args) -> int:
             params[name] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
             params[name] = value
+    check_writable(args.output or NOTEBOOK, "notebook output")
     out, seconds = run_notebook(NOTEBOOK, args.output, params)
     print(f"executed {out} in {seconds / 60:.1f} min ({out.stat().st_size / 1e6:.2f} MB)")  # noqa: T201 (CLI output)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..engine.io import check_writable
 from ..report.slide_inputs import SlidesConfig
 from ..report.slides import build_slides
 
@@ -26,6 +27,7 @@ def register(subparsers) -> None:
 
 
 def _cmd_slides(args) -> int:
+    check_writable(args.out, "--out")
     config = SlidesConfig(out=args.out, results_dir=args.results_dir, engine_json=args.engine_json,
                           data=args.data, data_root=args.data_root,
                           max_test_images=args.max_test_images, k=args.k)

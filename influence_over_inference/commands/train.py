@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import fields
-from pathlib import Path
 
+from ..engine.io import check_writable, write_json_atomic
 from ..study.training import TrainConfig
 
 DEFAULT_CHECKPOINT = "data/cifar_net.pt"
@@ -28,7 +27,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         "weight_decay": "L2 penalty (recorded: influence depends on it)",
         "cosine": "cosine learning-rate decay (use --no-cosine for a constant rate)",
         "seed": "seed for initialisation and data order", "device": "'auto', 'cpu', 'cuda' or 'cuda:N'",
-        "n_train": "use only the first N training images", "threads": "torch CPU threads",
+        "n_train": "train on a class-balanced subset of N images", "threads": "torch CPU threads",
     }
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -65,9 +64,12 @@ def cmd_train(args) -> int:
     from ..study.data import load_cifar10
     from ..study.training import train_or_load
 
+    config = _train_config(args)  # validates the settings before anything is loaded
+    check_writable(args.out, "checkpoint")
+    if args.json:
+        check_writable(args.json, "--json")
     data = load_cifar10(args.data, root=args.data_root)
-    print(f"data: {data.source} ({len(data.train)} train, {len(data.test)} test)")
-    config = _train_config(args)
+    print(f"data: {data.label}, {data.source} ({len(data.train)} train, {len(data.test)} test)")
     _, meta = train_or_load(data, args.out, config, retrain=args.overwrite)
     print(f"checkpoint: {args.out}")
     print(f"epochs: {config.epochs}, seconds per epoch: {meta['seconds_per_epoch']:.1f} ({meta['device']})")
@@ -75,6 +77,5 @@ def cmd_train(args) -> int:
     for name, acc in meta["test_per_class"].items():
         print(f"  {name:10s} {100 * acc:5.1f} %")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(meta, indent=1))
+        write_json_atomic(meta, args.json)
     return 0

@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from ..engine.io import check_writable, check_writable_dir
 from ..experiments.store import ARRAYS_PATH, CACHE_DIR, SUMMARY_PATH
 from ..experiments.summary import summarize
 
@@ -57,6 +58,9 @@ def cmd_validate(args) -> int:
     from ..experiments.sign import SignConfig, run_sign
     from ..study.data import load_cifar10
 
+    check_writable(args.out, "--out")
+    check_writable(args.arrays, "--arrays")
+    check_writable_dir(args.cache_dir, "--cache-dir")
     torch.set_num_threads(args.threads)
     data = load_cifar10(args.data, root=args.data_root)
     from ..experiments.flipped import FlippedConfig

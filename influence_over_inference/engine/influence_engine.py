@@ -24,7 +24,7 @@ from .solvers.base import InverseHVP
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries store their own key
 
 
 
@@ -76,44 +76,52 @@ class InfluenceEngine:
         self._fitted = False
 
     # -- cache helpers --------------------------------------------------------------------
+    def cache_key(self, kind: str, extra: dict | None = None) -> str:
+        """The full key of one cache entry: a hash of its kind, checkpoint, data, settings and ``extra``."""
+        blob = json.dumps({"kind": kind, **self._key_parts, **(extra or {})}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
     def cache_path(self, kind: str, extra: dict | None = None) -> Path | None:
         """``<cache_dir>/<kind>-<solver>-<hash of checkpoint, data, settings, extra>.pt`` (None: no cache)."""
         if self.cache_dir is None:
             return None
-        blob = json.dumps({**self._key_parts, **(extra or {})}, sort_keys=True, default=str)
-        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        key = self.cache_key(kind, extra)[:16]
         return self.cache_dir / f"{kind}-{self.solver.name}-{self._key_parts['checkpoint'][:8]}-{key}.pt"
 
-    def _load(self, path: Path | None):
+    def _load(self, kind: str, extra: dict | None = None):
+        """The entry's value if it exists, is readable and stores this entry's own key; else None."""
+        path = self.cache_path(kind, extra)
         if path is None or not path.is_file():
             return None
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # a foreign or damaged file: recompute
-            log.warning("ignoring unreadable cache entry %s (%s)", path, error)
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(blob, dict) or blob.get("key") != self.cache_key(kind, extra):
+                raise ValueError("it was stored under another key")
+            return blob["value"]
+        except Exception as error:  # a foreign, misplaced or damaged file: recompute
+            log.warning("ignoring cache entry %s (%s)", path.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
             return None
 
-    def _save(self, obj, path: Path | None) -> None:
+    def _save(self, obj, kind: str, extra: dict | None = None) -> None:
+        path = self.cache_path(kind, extra)
         if path is None:
             return
         from .io import atomic_torch_save
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(obj, path)
+        atomic_torch_save({"key": self.cache_key(kind, extra), "value": obj}, path)
 
     # -- the work -------------------------------------------------------------------------
     def fit(self) -> InfluenceEngine:
         """Fit the solver's curvature once (from the cache when present)."""
         if self._fitted:
             return self
-        path = self.cache_path("curvature")
-        state = self._load(path)
+        state = self._load("curvature")
         self.solver.fit(self.model, self.train, weight_decay=self.weight_decay, layers=self.layers, state=state or None,
                         progress=self.progress)
         if state is None:
             cached = self.solver.state_dict()
             if cached:
-                self._save(cached, path)
+                self._save(cached, "curvature")
         self._fitted = True
         return self
 
@@ -130,13 +138,13 @@ class InfluenceEngine:
     def scores(self, test_x: torch.Tensor, test_y: torch.Tensor) -> torch.Tensor:
         """Scores (n_test, n_train), positive = helpful (see the module docstring); cached."""
         check_inputs(test_x, test_y, _n_classes(self.model, test_x), what="test data")
-        path = self.cache_path("scores", self._test_key(test_x, test_y))
-        cached = self._load(path)
-        if cached is not None:
+        test_key = self._test_key(test_x, test_y)
+        cached = self._load("scores", test_key)
+        if cached is not None and tuple(cached["scores"].shape) == (len(test_x), data_length(self.train)):
             return cached["scores"]
         self.fit()
         out = influence(self.model, test_x, test_y, self.train, self.solver, self.chunk_size, self.progress)
-        self._save({"scores": out}, path)
+        self._save({"scores": out}, "scores", test_key)
         return out
 
     def top_k(self, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 10) -> TopK:
@@ -145,11 +153,10 @@ class InfluenceEngine:
 
     def self_influence(self) -> torch.Tensor:
         """Self-influence (n_train,) of every training image; cached."""
-        path = self.cache_path("self_influence")
-        cached = self._load(path)
-        if cached is not None:
+        cached = self._load("self_influence")
+        if cached is not None and tuple(cached["self_influence"].shape) == (data_length(self.train),):
             return cached["self_influence"]
         self.fit()
         out = self_influence(self.model, self.train, self.solver, self.chunk_size, self.progress)
-        self._save({"self_influence": out}, path)
+        self._save({"self_influence": out}, "self_influence")
         return out

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from ..engine.io import write_json_atomic
+from ..study.data import same_source
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def load_config_result(path: Path, config: dict, data_source: str) -> dict | Non
     """As :func:`load_result` for results whose ``settings`` hold the config's fields plus extras."""
     wanted = json.loads(json.dumps(config))
     return _read_result(
-        path, lambda found: {k: found.get(k) for k in wanted} == wanted and found.get("data_source") == data_source
+        path, lambda found: {k: found.get(k) for k in wanted} == wanted and same_source(found.get("data_source"), data_source)
     )
 
 

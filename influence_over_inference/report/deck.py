@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure, SubFigure
 from matplotlib.text import Text
 
+from ..engine.io import atomic_write
 from .slide_inputs import Missing
 
 PAGE_INCHES = (13.333, 7.5)  # 16:9, the size of a PowerPoint widescreen slide
@@ -203,20 +203,14 @@ def write_pdf(pages: list[tuple[str, Figure]], out: str | os.PathLike) -> Path:
     metadata = {"Title": "Influence over inference", "Author": None, "Subject": None,
                 "Creator": "influence_over_inference.slides", "Producer": "matplotlib",
                 "CreationDate": None, "ModDate": None}
-    fd, tmp = tempfile.mkstemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with matplotlib.rc_context(FIGURE_RC), PdfPages(tmp, metadata=metadata) as pdf:
             for _, fig in pages:
                 fig.set_dpi(PDF_DPI)  # lay out (and later check) at the resolution the PDF uses
                 if fig.get_layout_engine() is not None:
                     freeze_layout(fig)
                 pdf.savefig(fig)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the PDF ordinary permissions
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     return out

@@ -14,6 +14,8 @@ import re
 import time
 from pathlib import Path
 
+from ..engine.io import atomic_write
+
 NOTEBOOK = Path(__file__).resolve().parents[2] / "influence_over_inference.ipynb"
 
 
@@ -45,8 +47,7 @@ def run_notebook(
         seconds = time.perf_counter() - start
         nb = nbformat.read(tmp, as_version=4)
         clean(nb)
-        nbformat.write(nb, tmp)
-        os.replace(tmp, output)
+        atomic_write(output, lambda out_tmp: nbformat.write(nb, out_tmp))
     finally:
         for k, v in env_before.items():
             if v is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine.io import write_text_atomic
 from ..engine.scores import TopK
 from ..study.data import CIFAR10Data, CIFAR10Split
 
@@ -81,11 +82,7 @@ def write_influence_summary(
         "test_images": entries,
         "rgb_test_index": rgb_test_index,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(json.dumps(summary, indent=1, default=str), path)
 
 
 def validation_figures(validation) -> list:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..study.data import same_source
+
 log = logging.getLogger(__name__)
 
 # How to make each result file; shown on a slide when the file is missing.
@@ -186,8 +188,10 @@ def describe_source(source: str | None) -> str:
         return "CIFAR-10 (source not recorded)"
     if "JPEG copy" in source:
         return "CIFAR-10, offline JPEG copy"
-    if source.startswith("torchvision"):
+    if source.startswith(("torchvision", "cifar10-torchvision")):
         return "CIFAR-10 (torchvision's original)"
+    if source.startswith("cifar10-folder:"):
+        return f"CIFAR-10 from an image folder ({source.split(':', 1)[1]})"
     return f"CIFAR-10 from {Path(source.split(':', 1)[-1]).name}"
 
 
@@ -230,7 +234,7 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
             log.warning("%s", inputs.data_error)
     if inputs.data is not None and isinstance(inputs.influence, dict):
         recorded = inputs.influence.get("data_source")
-        if recorded and recorded != inputs.data.source:
+        if recorded and not same_source(recorded, inputs.data.source):
             log.warning("influence results were made on %s but the images come from %s: "
                         "training-image indices may name other images", recorded, inputs.data.source)
     return inputs
@@ -238,11 +242,12 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
 
 def source_from_record(recorded: str | None) -> str | None:
     """The ``load_cifar10`` source for a recorded ``data_source`` string, if it exists here:
-    ``"folder:/path (JPEG copy)"`` -> ``"/path"``; ``"torchvision:/root"`` -> ``"torchvision"``."""
+    ``"folder:/path (JPEG copy)"`` -> ``"/path"``; ``"torchvision:/root"`` or
+    ``"cifar10-torchvision:<sha>"`` -> ``"torchvision"``; a content-keyed folder -> None (auto)."""
     if not recorded:
         return None
     kind, _, rest = recorded.partition(":")
-    if kind == "torchvision":
+    if kind in ("torchvision", "cifar10-torchvision"):
         return "torchvision"
     if kind == "folder":
         folder = Path(rest.split(" (", 1)[0])

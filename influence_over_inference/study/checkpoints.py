@@ -10,6 +10,7 @@ A plain ``state_dict`` of the nimarb CNN (as the PyTorch tutorial saves it) load
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -57,13 +58,16 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train one with `python -m influence_over_inference train`")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): an interrupted copy? Copy or train it again")
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
+        raise CheckpointError(f"{path} is not a PyTorch file (text or another format); give the .pt file torch.save wrote")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(
-            f"{path} is not a readable PyTorch checkpoint (truncated, corrupt, or another kind of file): "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        ) from error
+        raise CheckpointError(f"{path} {_why_unreadable(error)}") from None
     if isinstance(blob, dict) and blob.get("format") == FORMAT:
         if blob.get("architecture") != "Net":
             raise CheckpointError(f"{path} holds a {blob.get('architecture')!r} model; this project loads 'Net'")
@@ -76,6 +80,22 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
     _check_state(model, state, path)
     model.load_state_dict(state)
     return model.to(device).eval(), metadata
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _why_unreadable(error: Exception) -> str:
+    """What a ``torch.load(weights_only=True)`` failure means, in one readable line."""
+    text = " ".join(_ANSI.sub("", str(error)).split())
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("holds pickled Python objects (e.g. a whole model saved with torch.save(model)), which are not "
+                "loaded because unpickling can run code; save model.state_dict() instead and load that")
+    if isinstance(error, EOFError) or "EOF" in text or "central directory" in text or "truncat" in text.lower():
+        return "is truncated (the file ends early): an interrupted copy or save? Copy or train it again"
+    if "invalid load key" in text or "not a zip file" in text.lower() or isinstance(error, UnicodeDecodeError):
+        return "is not a PyTorch file (text or another format); give the .pt file torch.save wrote"
+    return f"is not a readable PyTorch checkpoint ({type(error).__name__}: {text[:300] or 'no detail'})"
 
 
 def _infer_config(state: dict) -> dict:

@@ -8,7 +8,17 @@ Two sources give the same thing: 50,000 training and 10,000 test images with CIF
 - an image folder laid out as ``train/<class>/*`` and ``test/<class>/*`` (for machines without
   internet; here ``../shared/data/cifar10``, a JPEG copy of CIFAR-10). Files are read in a fixed
   order (class in CIFAR-10's label order, then file name), so training-image index ``i`` names
-  the same image on every machine. Decoded images are cached under ``data/cache/``.
+  the same image on every machine. Decoded images are cached under ``data/cache/``, keyed by
+  the files' relative names, sizes and modification times (an edited image is decoded again).
+
+A source is identified by its kind and a fingerprint of its content, never by its path:
+``data.source`` is ``"cifar10-folder:<sha12>"`` (plus ``" (JPEG copy)"``) or
+``"cifar10-torchvision:<sha12>"``, the first 12 hex digits of a SHA-256 over every decoded pixel
+and label (:func:`content_fingerprint`). Checkpoints, caches and results record it, so a moved or
+re-cloned checkout with the same data reuses them. ``data.label`` says where the images came from,
+for display (relative to the working folder where possible). Records written before this, which
+name the source by absolute path (``"folder:/abs/path"``), still match through
+:func:`same_source`, with a note in the log.
 
 Influence results name training images by index into :attr:`CIFAR10Data.train`, which is never
 augmented and never shuffled (the "eval view"); augmentation, if any, lives in the training loop.
@@ -52,7 +62,7 @@ ENV_VAR = "CIFAR10_DIR"
 OFFLINE_FALLBACK = Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10"
 
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 MANUAL_PLACEMENT_HELP = (
@@ -120,6 +130,17 @@ class CIFAR10Split(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.long)
         return normalize_uint8(self.images[idx]), self.labels[idx]
 
+    def select(self, indices) -> CIFAR10Split:
+        """The images at ``indices`` (in that order) as a split of their own."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return CIFAR10Split(self.images[idx], self.labels[idx], [self.names[i] for i in idx.tolist()])
+
+    def balanced(self, n: int | None) -> CIFAR10Split:
+        """A class-balanced ``n`` images (all if ``n`` is None), in index order: see :func:`balanced_indices`."""
+        if n is None or n >= len(self):
+            return self
+        return self.select(balanced_indices(self.labels, n))
+
     def subset(self, n: int | None) -> CIFAR10Split:
         """The first ``n`` images (all if ``n`` is None), same order, same indices.
 
@@ -139,11 +160,26 @@ class CIFAR10Data:
 
     train: CIFAR10Split
     test: CIFAR10Split
-    source: str  # e.g. "torchvision:/abs/data" or "folder:/abs/cifar10 (JPEG copy)"
+    source: str  # kind and content fingerprint, e.g. "cifar10-folder:3f2a9c0d1e4b (JPEG copy)"
+    label: str = ""  # where the images came from, for display: "../shared/data/cifar10 (JPEG copy)"
 
     @property
     def classes(self) -> tuple[str, ...]:
         return CLASSES
+
+
+def balanced_indices(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """``n`` indices spread evenly over the classes (the first of each class, round-robin), sorted."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    by_class = [torch.nonzero(labels == c).flatten() for c in torch.unique(labels)]
+    picked, depth = [], 0
+    while len(picked) < min(n, len(labels)):
+        for members in by_class:
+            if depth < len(members) and len(picked) < n:
+                picked.append(int(members[depth]))
+        depth += 1
+    return torch.tensor(sorted(picked), dtype=torch.long)
 
 
 def balanced_subset(data: CIFAR10Data, n: int | None) -> CIFAR10Data:
@@ -161,7 +197,8 @@ def balanced_subset(data: CIFAR10Data, n: int | None) -> CIFAR10Data:
         raise ValueError(f"a balanced subset needs at least {len(CLASSES)} images, got {n}")
     keep = torch.cat([torch.nonzero(data.train.labels == c).flatten()[:per_class] for c in range(len(CLASSES))])
     train = CIFAR10Split(data.train.images[keep], data.train.labels[keep], [data.train.names[i] for i in keep.tolist()])
-    return CIFAR10Data(train, data.test, source=f"{data.source} [balanced subset: {per_class} per class]")
+    return CIFAR10Data(train, data.test, source=f"{data.source} [balanced subset: {per_class} per class]",
+                       label=f"{data.label} [balanced subset: {per_class} per class]")
 
 
 def resolve_source(source: str | os.PathLike | None = None, root: str | os.PathLike = "data") -> tuple[str, Path]:
@@ -229,7 +266,8 @@ def _load_torchvision(root: Path) -> CIFAR10Data:
         images = torch.from_numpy(np.ascontiguousarray(ds.data))  # (N, 32, 32, 3) uint8
         labels = torch.tensor(ds.targets, dtype=torch.long)
         out.append(CIFAR10Split(images, labels, [f"cifar10[{i}]" for i in range(len(labels))]))
-    return CIFAR10Data(out[0], out[1], source=f"torchvision:{root.resolve()}")
+    fp = content_fingerprint(out[0], out[1])
+    return CIFAR10Data(out[0], out[1], source=f"cifar10-torchvision:{fp}", label=f"torchvision CIFAR-10 in {display_path(root)}")
 
 
 def list_image_folder(split_dir: Path) -> tuple[list[str], list[int]]:
@@ -239,7 +277,7 @@ def list_image_folder(split_dir: Path) -> tuple[list[str], list[int]]:
     """
     if not split_dir.is_dir():
         raise DataSourceError(f"CIFAR-10 image folder not found: {split_dir} does not exist. " + MANUAL_PLACEMENT_HELP)
-    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     missing = [c for c in CLASSES if c not in found]
     extra = [c for c in found if c not in CLASSES]
     if missing or extra:
@@ -249,7 +287,8 @@ def list_image_folder(split_dir: Path) -> tuple[list[str], list[int]]:
         )
     names, labels = [], []
     for label, cls in enumerate(CLASSES):
-        files = sorted(f.name for f in (split_dir / cls).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(f.name for f in (split_dir / cls).iterdir()
+                       if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
         if not files:
             raise DataSourceError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in {split_dir / cls}. " + MANUAL_PLACEMENT_HELP)
         names += [f"{cls}/{f}" for f in files]
@@ -275,12 +314,76 @@ def _decode(split_dir: Path, names: list[str]) -> torch.Tensor:
     return torch.from_numpy(images)
 
 
+def content_fingerprint(train: CIFAR10Split, test: CIFAR10Split) -> str:
+    """12 hex digits of a SHA-256 over both splits' decoded pixels and labels: the data's identity.
+
+    Independent of paths, file names and timestamps; ~0.5 s for CIFAR-10 (stored in the cache).
+    """
+    h = hashlib.sha256(b"cifar10-content-v1")
+    for split in (train, test):
+        h.update(f"|{len(split)}|".encode())
+        h.update(memoryview(split.images.contiguous().numpy()).cast("B"))
+        h.update(memoryview(split.labels.to(torch.int64).contiguous().numpy()).cast("B"))
+    return h.hexdigest()[:12]
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the working folder when that is short (``../shared/...``), else its name."""
+    path = Path(path).resolve()
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive
+        return path.name
+    return rel if rel.count("..") <= 1 else path.name
+
+
+def same_source(recorded: str | None, current: str) -> bool:
+    """Whether a recorded ``data_source`` names the data loaded now (``current``).
+
+    Equal strings match. A record of the older, path-keyed form (``"folder:/abs/path (JPEG
+    copy)"``, ``"torchvision:/abs/root"``) matches a source of the same kind, JPEG-ness and subset,
+    with a note in the log: the path cannot be checked against the content.
+    """
+    if not recorded:
+        return False
+    if recorded == current:
+        return True
+    kind, _, rest = recorded.partition(":")
+    legacy = {"folder": "cifar10-folder", "torchvision": "cifar10-torchvision"}.get(kind)
+    if legacy is None or not current.startswith(legacy + ":"):
+        return False
+    subset = lambda s: s[s.index(" [") :] if " [" in s else ""  # noqa: E731
+    if ("JPEG copy" in recorded) != ("JPEG copy" in current) or subset(rest) != subset(current):
+        return False
+    log.warning("the record names its data by path (%s, an older format); taking it to be %s", recorded, current)
+    return True
+
+
 def _cache_key(folder: Path, listing: dict[str, list[str]]) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{folder}".encode())
+    """Relative names, sizes and modification times of every file: any edit changes the key."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for split, names in listing.items():
         h.update(f"|{split}:{len(names)}".encode())
-        h.update("\n".join(names).encode())
+        for name in names:
+            st = os.stat(folder / split / name)
+            h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _read_cache(cache: Path, key: str, listing: dict[str, list[str]]) -> tuple[dict, str] | None:
+    """The cached splits and fingerprint if ``cache`` is readable and stores ``key``; else None."""
+    if not cache.exists():
+        return None
+    try:
+        blob = torch.load(cache, weights_only=True)
+        if blob.get("key") != key:
+            raise ValueError(f"it stores key {blob.get('key')!r}, not {key!r}")
+        splits = {s: CIFAR10Split(blob[f"{s}_images"], blob[f"{s}_labels"], listing[s]) for s in listing}
+        log.info("loaded decoded CIFAR-10 from cache %s", cache.name)
+        return splits, blob["fingerprint"]
+    except Exception as error:  # a damaged or foreign cache is rebuilt, never trusted
+        log.warning("ignoring cache %s (%s); decoding again", cache.name, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return None
 
 
 def _load_folder(folder: Path, cache_dir: Path) -> CIFAR10Data:
@@ -289,20 +392,19 @@ def _load_folder(folder: Path, cache_dir: Path) -> CIFAR10Data:
     listing, labels = {}, {}
     for split in ("train", "test"):
         listing[split], labels[split] = list_image_folder(folder / split)
-    cache = cache_dir / f"cifar10-folder-{_cache_key(folder, listing)}.pt"
-    splits = None
-    if cache.exists():
-        try:
-            blob = torch.load(cache, weights_only=True)
-            splits = {s: CIFAR10Split(blob[f"{s}_images"], blob[f"{s}_labels"], listing[s]) for s in listing}
-            log.info("loaded decoded CIFAR-10 from cache %s", cache)
-        except Exception as error:  # a damaged cache is rebuilt, never trusted
-            log.warning("ignoring unreadable cache %s (%s); decoding again", cache, error)
-    if splits is None:
+    key = _cache_key(folder, listing)
+    cache = cache_dir / f"cifar10-folder-{key}.pt"
+    found = _read_cache(cache, key, listing)
+    if found is None:
         splits = {
-            s: CIFAR10Split(_decode(folder / s, listing[s]), torch.tensor(labels[s]), listing[s]) for s in listing
+            s: CIFAR10Split(_decode(folder / s, listing[s]), torch.tensor(labels[s]), listing[s])
+            for s in listing
         }
+        fp = content_fingerprint(splits["train"], splits["test"])
         blob = {f"{s}_{k}": getattr(splits[s], k) for s in splits for k in ("images", "labels")}
-        atomic_torch_save(blob, cache)
-    jpeg = any(n.lower().endswith((".jpg", ".jpeg")) for n in listing["train"][:10])
-    return CIFAR10Data(splits["train"], splits["test"], source=f"folder:{folder}" + (" (JPEG copy)" if jpeg else ""))
+        atomic_torch_save({**blob, "key": key, "fingerprint": fp}, cache)
+    else:
+        splits, fp = found
+    jpeg = " (JPEG copy)" if any(n.lower().endswith((".jpg", ".jpeg")) for n in listing["train"][:10]) else ""
+    return CIFAR10Data(splits["train"], splits["test"], source=f"cifar10-folder:{fp}{jpeg}",
+                       label=f"{display_path(folder)}{jpeg}")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .data import CIFAR10Split, normalize_uint8
+from .data import CIFAR10Split, normalize_uint8, same_source
 from .model import Net
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ class TrainConfig:
     cosine: bool = True  # cosine learning-rate decay; False keeps lr constant (nimarb's recipe)
     seed: int = 0  # seeds initialisation and data order (deterministic on the CPU)
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
-    n_train: int | None = None  # use only the first n training images (None: all 50,000)
+    n_train: int | None = None  # a class-balanced subset of n training images (None: all 50,000)
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
     def __post_init__(self):
@@ -112,7 +112,7 @@ def train(
     device = resolve_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    train_set = train_set.subset(config.n_train)
+    train_set = train_set.balanced(config.n_train)
     gen = torch.Generator().manual_seed(config.seed)
     if model is None:
         torch.manual_seed(config.seed)
@@ -210,19 +210,22 @@ def train_or_load(
     wanted = _recipe(config)
     if path.exists() and not retrain:
         model, meta = load_checkpoint(path)
-        if meta.get("recipe") == wanted and meta.get("data_source") == data.source:
+        if meta.get("recipe") == wanted and same_source(meta.get("data_source"), data.source):
             log.info("loaded %s (same settings and data source)", path)
-            return model, meta
+            # an old, path-keyed record is reported in the current form: summaries never name a machine path
+            return model, {**meta, "data_source": data.source, "data_label": data.label}
+
         raise CheckpointError(
             f"{path} was trained with other settings or data ({meta.get('recipe')}, {meta.get('data_source')}); "
-            f"wanted {wanted} on {data.source}. Use another path, or retrain=True (--overwrite) to replace it."
+            f"wanted {wanted} on {data.source} ({data.label}). Use another path, or retrain=True (--overwrite) to replace it."
         )
     result = train(data.train, config, progress=progress)
     ev = evaluate(result.model, data.test)
     meta = {
         "recipe": wanted,
         "data_source": data.source,
-        "n_train": len(data.train.subset(config.n_train)),
+        "data_label": data.label,
+        "n_train": len(data.train.balanced(config.n_train)),
         "seconds_per_epoch": result.seconds_per_epoch,
         "history": [asdict(h) for h in result.history],
         "test_accuracy": ev["accuracy"],
