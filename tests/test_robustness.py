@@ -189,6 +189,8 @@ def test_unwritable_output_is_one_line_error_before_any_work(tmp_path, image_fol
         assert rc == 2 and err.startswith("error: cannot write") and err.count("\n") == 1, err
     with pytest.raises(OutputNotWritableError, match="is a folder"):
         check_writable(tmp_path)
+    with pytest.raises(OutputNotWritableError, match="a-file is a file, not a folder"):
+        check_writable(blocker / "deeper" / "rep.json")
 
 
 def test_train_checks_its_outputs_before_loading_data(tmp_path, image_folder, monkeypatch, capsys):

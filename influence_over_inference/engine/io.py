@@ -80,6 +80,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+def _probe_folder(folder: Path, what: str, shown: Path) -> None:
+    """Create ``folder`` if needed and write and remove a probe file in it, or raise one line."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise OutputNotWritableError(f"cannot write {what} {shown}: {blocker} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise OutputNotWritableError(f"cannot write {what} {shown}: {error.strerror or error}") from None
+
+
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     """Raise :class:`OutputNotWritableError` unless a file can be written at ``path`` (a file path).
 
@@ -88,26 +102,17 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
     """
     path = Path(path)
     if path.is_dir():
-        raise OutputNotWritableError(f"{what} {path} is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        if path.exists() and not os.access(path, os.W_OK):
-            raise PermissionError(f"{path} is read-only")
-    except OSError as error:
-        reason = error.strerror or str(error)
-        raise OutputNotWritableError(f"cannot write {what} {path}: {reason}") from None
+        raise OutputNotWritableError(f"cannot write {what} {path}: it is a folder; give a file name")
+    _probe_folder(path.parent, what, path)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputNotWritableError(f"cannot write {what} {path}: the file is read-only")
     return path
 
 
 def check_writable_dir(folder: str | os.PathLike, what: str = "folder") -> Path:
     """Like :func:`check_writable` for a folder that files will be written into."""
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputNotWritableError(f"{what} {folder} is a file, not a folder")
-    check_writable(folder / "probe", what)
+    _probe_folder(folder, what, folder)
     return folder
 
 
