@@ -275,3 +275,42 @@ def test_hidden_folders_in_an_image_folder_are_ignored(image_folder, tmp_path):
     Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(root / "train" / "cat" / ".hidden.png")
     d = load_cifar10(root, cache_dir=tmp_path / "cache")
     assert len(d.train) == 30
+
+
+# No machine path in committed files
+
+
+def test_executed_notebook_keeps_no_machine_path():
+    import nbformat
+
+    from influence_over_inference.report.notebook import clean
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["papermill"] = {"parameters": {"QUICK": True}, "input_path": "/home/me/repo/nb.ipynb",
+                                "output_path": "/home/me/repo/.nb.running123.ipynb", "start_time": "x"}
+    clean(nb)
+    assert nb.metadata["papermill"] == {"parameters": {"QUICK": True}, "input_path": "nb.ipynb"}
+
+
+def test_migration_rewrites_old_sources_and_nothing_else():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from migrate_data_source import migrate
+
+    text = json.dumps({"data_source": "folder:/abs/cifar10 (JPEG copy)", "acc": 0.5,
+                       "other": "torchvision:/abs/root", "sub": "folder:/abs/cifar10 (JPEG copy) [balanced subset: 2 per class]"})
+    new, n = migrate(text, "cifar10-folder:0123456789ab (JPEG copy)")
+    out = json.loads(new)
+    assert n == 2 and out["acc"] == 0.5 and out["other"] == "torchvision:/abs/root"
+    assert out["data_source"] == "cifar10-folder:0123456789ab (JPEG copy)"
+    assert out["sub"] == "cifar10-folder:0123456789ab (JPEG copy) [balanced subset: 2 per class]"
+
+
+def test_committed_files_hold_no_absolute_machine_path():
+    root = Path(__file__).resolve().parents[1]
+    files = subprocess.run(["git", "ls-files", "results", "bench/results", "README.md"], cwd=root,
+                           capture_output=True, text=True).stdout.split()
+    if not files:
+        pytest.skip("not a git checkout")
+    offenders = [f for f in files if f.endswith((".json", ".md")) and any(
+        p in (root / f).read_text(errors="ignore") for p in ('"/work/', '"/home/', '"/tmp/', ":/work/", ":/home/"))]
+    assert offenders == []

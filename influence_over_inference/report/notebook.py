@@ -70,7 +70,10 @@ def clean(nb) -> None:
             cell.outputs = [o for o in cell.outputs if not _noise(o)]
     pm = nb.metadata.get("papermill")
     if pm is not None:
-        nb.metadata["papermill"] = {k: v for k, v in pm.items() if k in ("parameters", "input_path", "output_path")}
+        kept = {k: v for k, v in pm.items() if k == "parameters"}
+        if pm.get("input_path"):  # the file name only: no machine path (or temporary name) in a committed notebook
+            kept["input_path"] = Path(pm["input_path"]).name
+        nb.metadata["papermill"] = kept
 
 
 def _noise(output) -> bool:
