@@ -314,3 +314,11 @@ def test_committed_files_hold_no_absolute_machine_path():
     offenders = [f for f in files if f.endswith((".json", ".md")) and any(
         p in (root / f).read_text(errors="ignore") for p in ('"/work/', '"/home/', '"/tmp/', ":/work/", ":/home/"))]
     assert offenders == []
+
+
+def test_asking_for_a_prefix_warns_that_it_is_not_balanced(image_folder, tmp_path, caplog):
+    root, _ = image_folder
+    d = load_cifar10(root, cache_dir=tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        d.train.subset(10)
+    assert "not class-balanced" in caplog.text

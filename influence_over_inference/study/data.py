@@ -151,6 +151,10 @@ class CIFAR10Split(Dataset):
             return self
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
+        counts = torch.bincount(self.labels[:n], minlength=len(CLASSES))
+        if counts.min() * len(CLASSES) < n // 2:
+            log.warning("the first %d images are not class-balanced (%d of %d classes present); "
+                        "use balanced(n) for a balanced subset", n, int((counts > 0).sum()), len(CLASSES))
         return CIFAR10Split(self.images[:n], self.labels[:n], self.names[:n])
 
 
