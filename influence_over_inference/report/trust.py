@@ -115,7 +115,9 @@ def lds_rows(lds: Mapping, key: str = "lds_margin") -> list[tuple[str, float, tu
 
 def _missing_figure(missing: Missing) -> Figure:
     fig = Figure(figsize=(8, 1.3))
-    fig.text(0.02, 0.5, missing.message(), fontsize=11, va="center")
+    ax = fig.subplots()  # an (invisible) axes: the notebook's inline backend skips figures without one
+    ax.axis("off")
+    ax.text(0.0, 0.5, missing.message(), fontsize=11, va="center", transform=ax.transAxes)
     return fig
 
 
