@@ -96,7 +96,8 @@ def clean(nb) -> None:
     nb.metadata.pop("widgets", None)
     pm = nb.metadata.get("papermill")
     if pm is not None:
-        nb.metadata["papermill"] = {k: v for k, v in pm.items() if k == "parameters"}
+        params = pm.get("parameters") or {}
+        nb.metadata["papermill"] = {"parameters": {k: scrub_paths(v) if isinstance(v, str) else v for k, v in params.items()}}
 
 
 def scrub_paths(text: str) -> str:
