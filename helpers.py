@@ -13,11 +13,17 @@ from influence_over_inference.study.checkpoints import (
 )
 from influence_over_inference.study.data import CLASSES, balanced_subset, load_cifar10
 from influence_over_inference.study.model import Net, count_parameters
-from influence_over_inference.study.training import TrainConfig, evaluate, train, train_or_load
+from influence_over_inference.study.training import (
+    TrainConfig,
+    evaluate,
+    resolve_device,
+    train,
+    train_or_load,
+)
 
 __all__ = [
     "CLASSES", "CheckpointError", "Net", "TrainConfig", "balanced_subset", "count_parameters", "load_cifar10",
-    "load_model", "save_model", "test_model", "train", "train_or_load",
+    "load_model", "resolve_device", "save_model", "test_model", "train", "train_or_load",
 ]
 
 
@@ -36,11 +42,12 @@ def load_model(path="data/cifar_net.pt", device="cpu") -> Net:
     return model
 
 
-def test_model(model: Net, test_set, device="auto", verbose: bool = True) -> dict:
+def test_model(model: Net, test_set, device=None, verbose: bool = True) -> dict:
     """Overall and per-class test accuracy, printed as the PyTorch CIFAR-10 tutorial prints them.
 
-    ``test_set`` is a split from :func:`load_cifar10` (``data.test``). Returns a dict with
-    ``accuracy`` (0-1), ``per_class`` (class -> 0-1), ``loss`` and ``predictions``.
+    ``test_set`` is a split from :func:`load_cifar10` (``data.test``). Runs on the model's device
+    (or on ``device``, then the model is put back where it was). Returns a dict with
+    ``accuracy`` (0-1), ``per_class`` (class -> 0-1), ``loss`` and ``predictions`` (on the CPU).
     """
     result = evaluate(model, test_set, device=device)
     if verbose:

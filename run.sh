@@ -26,12 +26,8 @@ case "${1:-main}" in
     ;;
   main)
     python -m influence_over_inference train --json results/train.json
-    if [ -f influence_over_inference/notebook.py ]; then
-      python -m influence_over_inference notebook
-    fi
-    if [ -f influence_over_inference/slides.py ]; then
-      python -m influence_over_inference slides
-    fi
+    python -m influence_over_inference notebook
+    python -m influence_over_inference slides
     ;;
   *)
     echo "usage: bash run.sh [main|test]" >&2

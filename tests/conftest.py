@@ -37,3 +37,13 @@ def image_folder(tmp_path):
 def _no_env_source(monkeypatch):
     monkeypatch.delenv("CIFAR10_DIR", raising=False)
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests skip on a machine without CUDA (bench/gpu_check.sh runs them on one)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run bash bench/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

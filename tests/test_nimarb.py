@@ -87,7 +87,7 @@ def test_r_averaging_returns_the_first_repetition_divided_by_r(tiny):
     # the raw list concatenates the repetitions: 2 x the number of parameter tensors
     from pytorch_influence_functions.calc_influence_function import calc_s_test_single
 
-    with nr._quiet():
+    with nr.quiet():
         raw = calc_s_test_single(model, x[:1], y[:1], nr.MinibatchFeed(x, y, batches), damp=DAMP, scale=SCALE, recursion_depth=4, r=2)
     assert len(raw) == 2 * len(list(model.parameters()))
 
@@ -107,7 +107,7 @@ def test_calc_img_wise_hard_codes_cuda(tiny, tmp_path):
     model, x, y = tiny
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
     config = {**get_default_config(), "outdir": str(tmp_path), "gpu": -1, "test_sample_num": 1}
-    with nr._quiet(), pytest.raises((AssertionError, RuntimeError), match="(?i)cuda|nvidia"):
+    with nr.quiet(), pytest.raises((AssertionError, RuntimeError), match="(?i)cuda|nvidia"):
         calc_img_wise(config, model, loader, loader)
 
 

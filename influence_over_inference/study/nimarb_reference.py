@@ -27,6 +27,12 @@ can be compared with ours, and writes down what it actually computes:
   list, then every tensor is divided by r; the scoring ``zip`` with the gradient list stops at the
   first repetition, so the result is the FIRST repetition divided by r.
 - **``calc_img_wise`` hard-codes CUDA** (``gpu=0``), so it fails on a machine without a GPU.
+- **``calc_influence_single`` cannot finish on CUDA**: its influences are 0-dim tensors on the
+  model's device, and its last step, ``np.argsort(influences)``, must turn them into numpy
+  values, which only CPU tensors allow ("can't convert cuda:0 device type tensor to numpy";
+  the same path fails for any non-CPU tensor: ``tests/test_nimarb.py``). Its ``s_test`` and
+  ``grad_z`` do run on CUDA (``gpu >= 0`` moves their inputs with ``.cuda()``, i.e. to the
+  current CUDA device; the model must already be there). So the scoring runs on a CPU model.
 - **Its "harmful" list is Koh & Liang's "helpful" one.** It scores
   ``influence_j = -grad_z_j . s_test / n`` — Koh & Liang's I_up,loss divided by n, i.e. the change
   of the test loss when training image j is up-weighted by 1/n (for a correct s_test) — then calls
@@ -86,8 +92,11 @@ def _nimarb():
 
 
 @contextlib.contextmanager
-def _quiet():
-    """Swallow nimarb's stdout progress bars and its implicit-dim log_softmax warning."""
+def quiet():
+    """Swallow nimarb's stdout progress bars and its implicit-dim log_softmax warning.
+
+    ``with quiet(): h = influence_function.s_test(...)``: nimarb prints a progress line per
+    step; nothing it computes is changed."""
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*Implicit dimension choice.*")
         yield
@@ -96,6 +105,25 @@ def _quiet():
 def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """A list of parameter-shaped tensors -> one flat (P,) tensor, in ``model.parameters()`` order."""
     return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def to_vector(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """nimarb's list of parameter-shaped tensors (its ``grad_z`` and ``s_test`` results: autograd
+    graphs attached, on its device) -> one detached flat (P,) vector on the CPU."""
+    return flatten([t.detach() for t in parts]).cpu()
+
+
+def nimarb_gpu(device: str | torch.device) -> int:
+    """nimarb's ``gpu`` argument for a torch device: -1 for the CPU, the CUDA index otherwise.
+
+    nimarb moves inputs with ``.cuda()`` (the current CUDA device), so with ``cuda:N`` (N > 0)
+    make it current first (``torch.cuda.set_device``)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return -1
+    if device.type != "cuda":
+        raise ValueError(f"nimarb's package runs on the CPU or CUDA only, not on {device}")
+    return device.index or 0
 
 
 def unflatten(vector: torch.Tensor, model: nn.Module) -> list[torch.Tensor]:
@@ -194,7 +222,7 @@ def nimarb_s_test(
     influence_function, calc = _nimarb()
     z, t = _as_single(x_test, y_test)
     n_params = len(list(model.parameters()))
-    with _quiet():
+    with quiet():
         if r == 1:
             h = influence_function.s_test(z, t, model, train_loader, gpu=gpu, damp=damp, scale=scale, recursion_depth=depth)
         else:
@@ -236,7 +264,7 @@ def nimarb_scores(
     train_loader = DataLoader(TensorDataset(train_x, train_y), batch_size=1)
     test_loader = DataLoader(TensorDataset(z, t), batch_size=1)
     s_list = unflatten(s_test_vec.to(next(model.parameters()).device), model)
-    with _quiet():
+    with quiet():
         influences, harmful, helpful, _ = calc.calc_influence_single(
             model, train_loader, test_loader, test_id_num=0, gpu=gpu, recursion_depth=1, r=1, s_test_vec=s_list
         )
@@ -282,20 +310,22 @@ def repaired_s_test(
     everything detached; returns ``h / scale`` (``divide_by_scale=False``: ``h`` itself). With a
     fixed H it converges to ``(H + weight_decay I + damp * scale I)^{-1} v``. ``weight_decay`` is
     not in nimarb (0 keeps its objective); it adds the training L2 term to the curvature.
+    Inputs are moved to the model's device; the result is on the CPU.
     """
     model.eval()
-    z, t = _as_single(x_test, y_test)
+    dev = next(model.parameters()).device
+    z, t = (a.to(dev) for a in _as_single(x_test, y_test))
     params = [p for p in model.parameters()]
     v = [g.detach() for g in torch.autograd.grad(F.cross_entropy(model(z), t), params)]
     h = [g.clone() for g in v]
     n_steps = 0
     for x_b, y_b in minibatches:
-        hv = _hvp(model, x_b, y_b, h)
+        hv = _hvp(model, x_b.to(dev), y_b.to(dev), h)
         h = [v_ + (1 - damp) * h_ - (hv_ + weight_decay * h_) / scale for v_, h_, hv_ in zip(v, h, hv, strict=True)]
         n_steps += 1
     if n_steps == 0:
         raise ValueError("minibatches is empty: the recursion needs at least one step")
-    out = flatten(h)
+    out = flatten(h).cpu()
     if not torch.isfinite(out).all():
         log.warning("repaired recursion diverged (non-finite) after %d steps: raise scale", n_steps)
     return out / scale if divide_by_scale else out
@@ -315,17 +345,20 @@ def published_one_step(
     ``(2 - damp) v - (H_last v + H_test g_last) / scale``.
 
     ``graph_term=False`` drops ``H_test g_last``, the term its undetached test gradient adds
-    (what one step of the recursion would give with ``v`` detached).
+    (what one step of the recursion would give with ``v`` detached). Inputs are moved to the
+    model's device; the result is on the CPU.
     """
     model.eval()
-    z, t = _as_single(x_test, y_test)
+    dev = next(model.parameters()).device
+    z, t = (a.to(dev) for a in _as_single(x_test, y_test))
+    x_last, y_last = x_last.to(dev), y_last.to(dev)
     params = [p for p in model.parameters()]
     v = [g.detach() for g in torch.autograd.grad(F.cross_entropy(model(z), t), params)]
     hv = _hvp(model, x_last, y_last, v)
     if graph_term:
         g_last = [g.detach() for g in torch.autograd.grad(F.cross_entropy(model(x_last), y_last), params)]
         hv = [a + b for a, b in zip(hv, _hvp(model, z, t, g_last), strict=True)]
-    return flatten([(2 - damp) * v_ - hv_ / scale for v_, hv_ in zip(v, hv, strict=True)])
+    return flatten([(2 - damp) * v_ - hv_ / scale for v_, hv_ in zip(v, hv, strict=True)]).cpu()
 
 
 

@@ -31,7 +31,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # L2 penalty in the optimiser; recorded, since influence depends on it
     cosine: bool = True  # cosine learning-rate decay; False keeps lr constant (nimarb's recipe)
     seed: int = 0  # seeds initialisation and data order (deterministic on the CPU)
-    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N"
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda" or "cuda:N" (a torch.device is kept as its name)
     n_train: int | None = None  # a class-balanced subset of n training images (None: all 50,000)
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
@@ -48,6 +48,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.n_train is not None and self.n_train < 1:
             raise ValueError(f"n_train must be >= 1 or None, got {self.n_train}")
+        if isinstance(self.device, torch.device):
+            self.device = str(self.device)  # a plain string, so that the config stays JSON-serialisable
         resolve_device(self.device)  # raises on a bad name
 
     @classmethod
@@ -161,19 +163,28 @@ def train(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: CIFAR10Split, batch_size: int = 1000, device: str = "auto") -> dict:
-    """Overall and per-class accuracy and mean loss of ``model`` on ``split``."""
-    dev = resolve_device(device)
+def evaluate(model: nn.Module, split: CIFAR10Split, batch_size: int = 1000,
+             device: str | torch.device | None = None) -> dict:
+    """Overall and per-class accuracy and mean loss of ``model`` on ``split``.
+
+    Runs on the model's own device (``device=None``, the default); a ``device`` given runs it
+    there and puts the model back where it was, in the mode it was in: evaluating never moves the
+    caller's model. ``predictions`` are returned on the CPU.
+    """
+    home = next(model.parameters()).device
+    dev = home if device is None else resolve_device(device)
     was_training = model.training
-    model = model.to(dev).eval()
+    model.to(dev).eval()
     preds, losses = [], []
-    for start in range(0, len(split), batch_size):
-        x = normalize_uint8(split.images[start : start + batch_size]).to(dev)
-        y = split.labels[start : start + batch_size].to(dev)
-        out = model(x)
-        preds.append(out.argmax(1).cpu())
-        losses.append(nn.functional.cross_entropy(out, y, reduction="none").cpu())
-    model.train(was_training)
+    try:
+        for start in range(0, len(split), batch_size):
+            x = normalize_uint8(split.images[start : start + batch_size]).to(dev)  # (B, 3, 32, 32)
+            y = split.labels[start : start + batch_size].to(dev)
+            out = model(x)
+            preds.append(out.argmax(1).cpu())
+            losses.append(nn.functional.cross_entropy(out, y, reduction="none").cpu())
+    finally:
+        model.to(home).train(was_training)
     pred = torch.cat(preds)
     correct = pred == split.labels
     per_class = {
@@ -220,7 +231,7 @@ def train_or_load(
             f"wanted {wanted} on {data.source} ({data.label}). Use another path, or retrain=True (--overwrite) to replace it."
         )
     result = train(data.train, config, progress=progress)
-    ev = evaluate(result.model, data.test)
+    ev = evaluate(result.model, data.test, device=config.device)  # on the training device; the model stays on the CPU
     meta = {
         "recipe": wanted,
         "data_source": data.source,

@@ -112,7 +112,9 @@ class LiSSASolver(InverseHVP):
         return torch.stack(estimates).mean(0)
 
     def largest_eigenvalue(self, x: torch.Tensor, y: torch.Tensor, steps: int = 20, seed: int = 0) -> float:
-        """Power-iteration estimate of the largest |eigenvalue| of ``C_batch + weight_decay I`` on ``(x, y)``."""
+        """Power-iteration estimate of the largest |eigenvalue| of ``C_batch + weight_decay I`` on ``(x, y)``
+        (moved to the model's device and dtype)."""
+        x, y = x.to(self.device, self.dtype), y.to(self.device)
         gen = torch.Generator().manual_seed(seed)
         v = torch.randn(1, self.n_params, generator=gen).to(self.device, self.dtype)
         v /= v.norm()

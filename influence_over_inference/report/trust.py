@@ -1,0 +1,220 @@
+"""How far the rankings can be trusted: the LDS against retraining and the seed stability of the default solver.
+
+Two result files answer it, and this module reads them, draws them and says what they mean:
+
+- ``results/lds.json`` (``python -m influence_over_inference validate lds``): the linear
+  datamodeling score (LDS; Park et al., "TRAK", ICML 2023). Many models are retrained on random
+  halves of the training set; for each test image, the Spearman correlation across the subsets
+  between the summed scores of each subset's training images and that subset model's margin on
+  the test image; averaged over test images, with a 95% bootstrap interval. Keys read:
+  ``n_subsets``, ``n_test``, ``alpha``, ``default_solver`` and ``methods.<name>.lds_margin``,
+  ``lds_margin_ci`` ([low, high]), ``lds_loss``, ``lds_loss_ci``, ``n_models``.
+- ``bench/results/engine.json`` (the benchmark): ``seed_spearman_default`` (two fits of the
+  default solver that differ only in the seed of their curvature sample: Spearman over all
+  training images, mean over test images), ``seed_top10_overlap_default`` (the share of their
+  top-10 lists in common, 0-1, or a count out of 10) and ``pearson_default_vs_exact_small``
+  (against exact influence on a small conv net).
+
+A missing file, or one without these keys, gives a figure and a sentence that say "not computed
+yet" and name the command that makes it. Figures follow :mod:`.plots`: they take data, return a
+:class:`~matplotlib.figure.Figure`, and never show or save themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from .slide_inputs import COMMANDS, Missing
+
+log = logging.getLogger(__name__)
+
+LDS_COMMAND = "python -m influence_over_inference validate lds"
+STABILITY_COMMAND = COMMANDS["engine"]
+
+# The goals of issue 9 that the figures mark: seed-to-seed Spearman, shared top-10, Pearson with exact.
+STABILITY_GOALS = {"seed_spearman_default": 0.95, "seed_top10_overlap_default": 0.9, "pearson_default_vs_exact_small": 0.95}
+STABILITY_LABELS = {
+    "seed_spearman_default": "Spearman, two seeds\n(all training images)",
+    "seed_top10_overlap_default": "top-10 shared,\ntwo seeds",
+    "pearson_default_vs_exact_small": "Pearson with exact\n(small conv net)",
+}
+
+
+def _read(path: Path, what: str, command: str):
+    if not path.is_file():
+        return Missing(what, path, command, reason="not computed yet")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        log.warning("could not read %s: %s", path, error)
+        return Missing(what, path, command, reason=f"unreadable: {error}")
+
+
+def load_lds(path: str | os.PathLike = "results/lds.json"):
+    """``results/lds.json`` (see the module docstring), or :class:`Missing` when it is absent,
+    unreadable, or holds no method with a numeric ``lds_margin``."""
+    lds = _read(Path(path), "LDS against retraining", LDS_COMMAND)
+    if isinstance(lds, Missing):
+        return lds
+    methods = lds.get("methods") if isinstance(lds, dict) else None
+    if not isinstance(methods, dict) or not any(isinstance(m, dict) and _number(m.get("lds_margin")) is not None
+                                                for m in methods.values()):
+        return Missing("LDS against retraining", path, LDS_COMMAND, reason="holds no method's lds_margin yet")
+    return lds
+
+
+def load_stability(path: str | os.PathLike = "bench/results/engine.json"):
+    """The stability keys of the benchmark summary (module docstring), or :class:`Missing` when
+    the file is absent or has no ``seed_spearman_default`` yet."""
+    engine = _read(Path(path), "seed stability of the default solver", STABILITY_COMMAND)
+    if isinstance(engine, Missing):
+        return engine
+    if _number(engine.get("seed_spearman_default")) is None:
+        return Missing("seed stability of the default solver", path, STABILITY_COMMAND,
+                       reason="has no seed_spearman_default yet")
+    return engine
+
+
+def _number(value) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if out == out else None  # NaN counts as missing
+
+
+def top10_share(engine: Mapping) -> float | None:
+    """``seed_top10_overlap_default`` as a share 0-1 (a count out of 10 is divided by 10)."""
+    value = _number(engine.get("seed_top10_overlap_default"))
+    if value is None:
+        return None
+    return value / 10 if value > 1 else value
+
+
+def lds_rows(lds: Mapping, key: str = "lds_margin") -> list[tuple[str, float, tuple[float, float] | None, int | None]]:
+    """``(method, value, (low, high) or None, n_models)`` for every method with a number under
+    ``key`` (``"lds_margin"`` or ``"lds_loss"``), highest first."""
+    rows = []
+    for name, m in lds.get("methods", {}).items():
+        value = _number(m.get(key)) if isinstance(m, dict) else None
+        if value is None:
+            continue
+        ci = m.get(f"{key}_ci")
+        ci = (float(ci[0]), float(ci[1])) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
+        n_models = m.get("n_models")
+        rows.append((name, value, ci, int(n_models) if _number(n_models) is not None else None))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def _missing_figure(missing: Missing) -> Figure:
+    fig = Figure(figsize=(8, 1.3))
+    ax = fig.subplots()  # an (invisible) axes: the notebook's inline backend skips figures without one
+    ax.axis("off")
+    ax.text(0.0, 0.5, missing.message(), fontsize=11, va="center", transform=ax.transAxes)
+    return fig
+
+
+def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> Figure:
+    """Horizontal bars: each method's LDS (``key``) with its 95% interval, the default solver in
+    colour, the number of trained models each method used in its label."""
+    rows = lds_rows(lds, key)
+    if ax is None:
+        fig = Figure(figsize=(7.5, 0.45 * len(rows) + 1.4), layout="constrained")
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    default = lds.get("default_solver")
+    names = [f"{name}" + (f" ({n} models)" if n and n > 1 else "") + (" [default]" if name == default else "")
+             for name, _, _, n in rows]
+    values = [v for _, v, _, _ in rows]
+    err = [[v - (ci or (v, v))[0] for _, v, ci, _ in rows], [(ci or (v, v))[1] - v for _, v, ci, _ in rows]]
+    colors = ["#0969da" if name == default else "#8c959f" for name, _, _, _ in rows]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, values, xerr=err, color=colors, capsize=3)
+    ax.set_yticks(y, names)
+    ax.axvline(0, color="black", linewidth=0.8)
+    what = "margin" if key == "lds_margin" else "loss"
+    ax.set_xlabel(f"LDS ({what}): Spearman, across retrained subsets, of predicted vs actual")
+    ax.set_title(f"Does influence predict retraining? {lds.get('n_subsets', '?')} random halves, "
+                 f"{lds.get('n_test', '?')} test images", fontsize=11)
+    return fig
+
+
+def plot_stability(engine: Mapping, ax: Axes | None = None) -> Figure:
+    """Bars for the default solver's seed-to-seed Spearman, shared top-10 and Pearson with exact
+    influence (those present), each with its goal marked."""
+    values = {"seed_spearman_default": _number(engine.get("seed_spearman_default")),
+              "seed_top10_overlap_default": top10_share(engine),
+              "pearson_default_vs_exact_small": _number(engine.get("pearson_default_vs_exact_small"))}
+    values = {k: v for k, v in values.items() if v is not None}
+    if ax is None:
+        fig = Figure(figsize=(7.5, 3.2), layout="constrained")
+        ax = fig.subplots()
+    else:
+        fig = ax.figure
+    x = range(len(values))
+    ax.bar(x, list(values.values()), color="#0969da", width=0.55)
+    for i, (key, v) in enumerate(values.items()):
+        ax.plot([i - 0.35, i + 0.35], [STABILITY_GOALS[key]] * 2, color="black", linestyle="--", linewidth=1)
+        ax.text(i, v + 0.02, f"{v:.2f}", ha="center", va="bottom")
+    ax.set_xticks(list(x), [STABILITY_LABELS[k] for k in values])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("agreement (dashed: goal)")
+    ax.set_title("The default solver: stable across curvature samples? faithful to the exact answer?", fontsize=11)
+    return fig
+
+
+def trust_figures(lds, engine) -> list[Figure]:
+    """The LDS figure and the stability figure; a missing result gives a figure naming its command."""
+    return [plot_lds(lds) if lds else _missing_figure(lds), plot_stability(engine) if engine else _missing_figure(engine)]
+
+
+def trust_sentences(lds, engine) -> list[str]:
+    """How far the rankings can be trusted, in plain words, each sentence built from the numbers
+    in the two files (or saying which command makes the missing one)."""
+    out = []
+    if not engine:
+        out.append(f"Seed stability: not computed yet; run `{engine.command}`.")
+    else:
+        s, share = _number(engine["seed_spearman_default"]), top10_share(engine)
+        shared = "" if share is None else f", and share {10 * share:.1f} of their top 10"
+        head = f"Two fits of the default solver that differ only in their random curvature sample agree at Spearman {s:.2f}{shared}"
+        if s >= 0.95 and (share is None or share >= 0.9):
+            out.append(head + ": the lists shown are a property of the model, not of the sample.")
+        elif s >= 0.8:
+            out.append(head + ": the bulk of the ranking holds, but a few of the top images change from one seed to "
+                       "the next; read a top-k list as typical of the most helpful or harmful, not as an exact order.")
+        else:
+            out.append(head + ": another seed reorders much of the list; trust only what several seeds agree on.")
+    if not lds:
+        out.append(f"LDS against retraining: not computed yet; run `{lds.command}`.")
+        return out
+    rows = {name: (v, ci, n) for name, v, ci, n in lds_rows(lds)}
+    default = lds.get("default_solver") if lds.get("default_solver") in rows else next(iter(rows))
+    v, ci, _ = rows[default]
+    interval = f" (95% interval {ci[0]:.2f} to {ci[1]:.2f})" if ci else ""
+    line = (f"Retrained on {lds.get('n_subsets', '?')} random halves of the training set, the models' margins on "
+            f"{lds.get('n_test', '?')} test images follow the default solver's predictions at an LDS of {v:.2f}{interval}")
+    others = [f"{name} {rows[name][0]:.2f}" for name in ("grad_dot", "random") if name in rows]
+    if others:
+        line += f"; gradient dot product and random scores reach {', '.join(others)}"
+    best = max(rows, key=lambda k: rows[k][0])
+    if best != default:
+        line += f"; the best method here is {best} ({rows[best][0]:.2f})"
+    out.append(line + ".")
+    if ci and ci[0] <= 0:
+        out.append("That is not distinguishable from chance: the scores do not predict what retraining does.")
+    elif v < 0.2:
+        out.append("So the scores carry a real but weak signal about retraining: use them to find images worth "
+                   "inspecting (mislabelled, atypical, near-duplicates), not to predict the effect of removing data.")
+    else:
+        out.append("So the scores predict a good part of what retraining does: which groups of training images "
+                   "a prediction leans on, more reliably than any single image's exact effect.")
+    return out

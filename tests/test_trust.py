@@ -1,0 +1,42 @@
+"""The notebook's trust section: LDS and seed stability read from their result files, or "not computed yet"."""
+
+import json
+
+from matplotlib.figure import Figure
+
+from influence_over_inference.report import trust
+
+LDS = {"n_subsets": 50, "n_test": 500, "alpha": 0.5, "default_solver": "fast",
+       "methods": {"fast": {"n_models": 1, "lds_margin": 0.12, "lds_margin_ci": [0.1, 0.14], "lds_loss": 0.1},
+                   "grad_dot": {"n_models": 1, "lds_margin": 0.03, "lds_margin_ci": [0.01, 0.05]},
+                   "random": {"n_models": 1, "lds_margin": 0.0, "lds_margin_ci": [-0.01, 0.01]},
+                   "trak_10": {"n_models": 10, "lds_margin": 0.3, "lds_margin_ci": [0.27, 0.33]}}}
+
+
+def test_missing_files_say_not_computed_and_name_the_command(tmp_path):
+    lds, engine = trust.load_lds(tmp_path / "lds.json"), trust.load_stability(tmp_path / "engine.json")
+    assert not lds and not engine
+    text = " ".join(trust.trust_sentences(lds, engine))
+    assert "validate lds" in text and "not computed yet" in text
+    figs = trust.trust_figures(lds, engine)
+    assert len(figs) == 2 and all(isinstance(f, Figure) and f.axes for f in figs)  # inline backends skip axes-less figures
+
+
+def test_an_engine_file_without_the_stability_keys_is_not_computed(tmp_path):
+    (tmp_path / "engine.json").write_text(json.dumps({"t100_fast_s": 82}))
+    assert not trust.load_stability(tmp_path / "engine.json")
+
+
+def test_results_become_figures_and_plain_words(tmp_path):
+    (tmp_path / "lds.json").write_text(json.dumps(LDS))
+    (tmp_path / "engine.json").write_text(json.dumps({"seed_spearman_default": 0.84, "seed_top10_overlap_default": 8.2,
+                                                      "pearson_default_vs_exact_small": 0.97}))
+    lds, engine = trust.load_lds(tmp_path / "lds.json"), trust.load_stability(tmp_path / "engine.json")
+    assert [r[0] for r in trust.lds_rows(lds)] == ["trak_10", "fast", "grad_dot", "random"]
+    assert trust.top10_share(engine) == 0.82
+    words = trust.trust_sentences(lds, engine)
+    assert "Spearman 0.84" in words[0] and "8.2 of their top 10" in words[0] and "not as an exact order" in words[0]
+    assert "LDS of 0.12 (95% interval 0.10 to 0.14)" in words[1] and "grad_dot 0.03" in words[1] and "trak_10 (0.30)" in words[1]
+    assert "weak signal" in words[2]
+    lds_fig, stab_fig = trust.trust_figures(lds, engine)
+    assert len(lds_fig.axes[0].patches) == 4 and len(stab_fig.axes[0].patches) == 3
