@@ -110,8 +110,28 @@ def _train_subset(train, n: int | None):
 
 
 def cmd_influence(args) -> int:
+    """Under ``torchrun`` (RANK / WORLD_SIZE set) every rank joins the process group (gloo on the
+    CPU, nccl with ``--device cuda``: one GPU per rank) and scores its shard; rank 0 prints and writes."""
+    from ..engine.distributed import init_from_env
+
+    device = init_from_env(_resolve(args.device))
+    try:
+        return _run(args, device)
+    finally:
+        if device is not None:
+            torch.distributed.destroy_process_group()
+
+
+def _resolve(name: str):
+    from ..study.training import resolve_device
+
+    return resolve_device(name)
+
+
+def _run(args, rank_device) -> int:
     import numpy as np
 
+    from ..engine.distributed import is_main
     from ..engine.solvers.registry import SOLVERS, make_solver
     from ..study.training import resolve_device
 
@@ -122,7 +142,7 @@ def cmd_influence(args) -> int:
 
     settings = {f.name: getattr(args, f.name) for f in fields(cls.settings_class) if getattr(args, f.name, None) is not None}
     solver = make_solver(args.solver, **settings)
-    device = resolve_device(args.device)
+    device = rank_device or resolve_device(args.device)
     data = _load_data(args)
     classes = list(getattr(data, "classes", None) or data.train.classes)
     model, meta = _load_model(args, device)
@@ -133,12 +153,14 @@ def cmd_influence(args) -> int:
         raise ValueError(f"--k {args.k} is larger than the number of training images ({len(train)})")
     engine = InfluenceEngine(model, train, solver, weight_decay=weight_decay, layers=args.layers,
                              cache_dir=None if args.no_cache else args.cache_dir,
-                             checkpoint=args.checkpoint, data_source=data.source, progress=True)
+                             checkpoint=args.checkpoint, data_source=data.source, progress=is_main())
     import time
 
     start = time.perf_counter()
     scores = engine.scores(x, y)  # (K, n_train)
     seconds = time.perf_counter() - start
+    if scores is None:  # not rank 0 under torchrun: rank 0 prints and writes
+        return 0
     with torch.no_grad():
         pred = model(x.to(device)).argmax(1).cpu()
     best = top_k(scores, args.k)

@@ -95,7 +95,9 @@ class FastSolver(InverseHVP):
         n_classes = next(iter(parts.values()))[1].shape[1]
         rows_mine = (mine[:, None] * n_classes + torch.arange(n_classes)).reshape(-1)  # rows of the factor this rank owns
         gram = torch.zeros(m * n_classes, m * n_classes, dtype=self.dtype, device=self.device)
-        gram[rows_mine.to(self.device)] = _gram_rows(parts, mine.to(self.device))
+        for b0 in range(0, len(mine), s.chunk_size):  # in whole chunks: the same products in any number of processes
+            block = mine[b0 : b0 + s.chunk_size]
+            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device)] = _gram_rows(parts, block.to(self.device))
         gram = all_reduce_sum(gram) / m  # Gram of factor = rows / sqrt(m)
         evals = evecs = None
         if is_main():
