@@ -9,8 +9,9 @@ two configurations' scores: max over test images of max |a - b| / max |a|.
     python bench/distributed.py                       # the real run: about 10 minutes on the idle 2-core machine
     python bench/distributed.py --n-train 2000 --n-test 3 --repeats 1 --out data/bench/distributed_tiny.json   # a smoke run
 
-Writes bench/results/distributed.json (keys t_1proc_s, t_2proc_s, speedup, max_rel_diff, and
-the per-run times, load averages and settings).
+Writes bench/results/distributed.json (keys t_1proc_s, t_2proc_s, speedup, max_rel_diff,
+max_rel_diff_same_threads, and the per-run times, load averages and settings). One more untimed
+run at 1 process x 1 thread separates the effect of sharding from that of the thread count.
 """
 
 from __future__ import annotations
@@ -72,23 +73,32 @@ def main(argv=None) -> int:
         for procs in runs:
             runs[procs].append(run_once(procs, args, work / f"p{procs}"))
     one = np.load(work / "p1.npz")["scores"]
+    same_threads = None
+    if args.threads_1proc != 1:  # the float32 fast fit also moves with the BLAS thread count: separate the two effects
+        single = argparse.Namespace(**{**vars(args), "threads_1proc": 1})
+        run_once(1, single, work / "p1_1thread")
+        same_threads = np.load(work / "p1_1thread.npz")["scores"]
     many = np.load(work / f"p{args.procs}.npz")["scores"]
     t1 = statistics.median(r["seconds"] for r in runs[1])
     tn = statistics.median(r["seconds"] for r in runs[args.procs])
     result = {
         "t_1proc_s": t1, "t_2proc_s": tn, "speedup": t1 / tn, "max_rel_diff": max_rel_diff(one, many),
+        "max_rel_diff_same_threads": None if same_threads is None else max_rel_diff(same_threads, many),
+        "max_rel_diff_1_vs_2_threads": None if same_threads is None else max_rel_diff(same_threads, one),
         "task": f"{args.n_test} test x {one.shape[1]} training images, fast solver (defaults), no cache",
         "config": {"1proc": f"1 process x {args.threads_1proc} threads", "2proc": f"{args.procs} processes x 1 thread (torchrun, gloo)",
                    "repeats": args.repeats, "cpus": os.cpu_count()},
         "runs_1proc": runs[1], "runs_2proc": runs[args.procs],
         "notes": "t_* = the influence command's own time (curvature fit + scoring), median of repeats, run alternately; "
                  "wall_s adds interpreter start, data loading and process-group setup; load_before = 1-minute load average "
-                 "before each run. max_rel_diff = max over test images of max|a-b|/max|a| (float32 scores).",
+                 "before each run. max_rel_diff = max over test images of max|a-b|/max|a| (float32 scores); "
+                 "max_rel_diff_same_threads compares 1 process x 1 thread (one untimed run) with the distributed run, "
+                 "max_rel_diff_1_vs_2_threads one process at 1 and at 2 threads.",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("t_1proc_s", "t_2proc_s", "speedup", "max_rel_diff")}))
+    print(json.dumps({k: result[k] for k in ("t_1proc_s", "t_2proc_s", "speedup", "max_rel_diff", "max_rel_diff_same_threads")}))
     return 0
 
 
