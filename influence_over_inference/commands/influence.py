@@ -128,10 +128,30 @@ def _check_args(args) -> None:
 
 
 def cmd_influence(args) -> int:
+    """Under ``torchrun`` (RANK / WORLD_SIZE set) every rank joins the process group (gloo on the
+    CPU, nccl with ``--device cuda``: one GPU per rank) and scores its shard; rank 0 prints and writes."""
+    from ..engine.distributed import init_from_env
+
+    device = init_from_env(_resolve(args.device))
+    try:
+        return _run(args, device)
+    finally:
+        if device is not None:
+            torch.distributed.destroy_process_group()
+
+
+def _resolve(name: str):
+    from ..study.training import resolve_device
+
+    return resolve_device(name)
+
+
+def _run(args, rank_device) -> int:
     from dataclasses import fields
 
     import numpy as np
 
+    from ..engine.distributed import is_main
     from ..engine.solvers.registry import SOLVERS, make_solver
     from ..study.training import resolve_device
 
@@ -141,7 +161,7 @@ def cmd_influence(args) -> int:
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = rank_device or resolve_device(args.device)
     data = _load_data(args)
     classes = list(getattr(data, "classes", None) or data.train.classes)
     model, meta = _load_model(args, device)
@@ -152,12 +172,14 @@ def cmd_influence(args) -> int:
         raise ValueError(f"--k {args.k} is larger than the number of training images ({len(train)})")
     engine = InfluenceEngine(model, train, solver, weight_decay=weight_decay, layers=args.layers,
                              cache_dir=None if args.no_cache else args.cache_dir,
-                             checkpoint=args.checkpoint, data_source=data.source, progress=True)
+                             checkpoint=args.checkpoint, data_source=data.source, progress=is_main())
     import time
 
     start = time.perf_counter()
     scores = engine.scores(x, y)  # (K, n_train)
     seconds = time.perf_counter() - start
+    if scores is None:  # not rank 0 under torchrun: rank 0 prints and writes
+        return 0
     with torch.no_grad():
         pred = model(x.to(device)).argmax(1).cpu()
     best = top_k(scores, args.k)

@@ -2,7 +2,9 @@
 
 The scores themselves (and their sign convention) are in :mod:`.scores`; this module adds the
 caching of the fitted curvature, the scores and self-influence, keyed by the checkpoint's bytes,
-the data's identity and every setting, written atomically.
+the data's identity and every setting, written atomically. Under ``torch.distributed`` the same
+calls run on every rank (:mod:`.distributed`): rank 0 decides whether a cache entry exists, reads
+and writes it, and receives the results; other ranks take part in the work and get None.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed import broadcast_object, is_distributed, is_main
 from .gradients import DEFAULT_CHUNK
 from .params import check_inputs, data_length
 from .scores import TopK, _n_classes, influence, s_test, self_influence, top_k
@@ -88,8 +91,21 @@ class InfluenceEngine:
         key = self.cache_key(kind, extra)[:16]
         return self.cache_dir / f"{kind}-{self.solver.name}-{self._key_parts['checkpoint'][:8]}-{key}.pt"
 
-    def _load(self, kind: str, extra: dict | None = None):
-        """The entry's value if it exists, is readable and stores this entry's own key; else None."""
+    def _load(self, kind: str, extra: dict | None = None, everywhere: bool = False):
+        """The entry's value if it exists, is readable and stores this entry's own key; else None.
+
+        Under torch.distributed rank 0 reads it and every rank learns whether it exists: with
+        ``everywhere`` every rank gets its contents, otherwise the other ranks get ``{}`` (found) or
+        None, so that all take the same branch."""
+        entry = self._read(kind, extra) if is_main() else None
+        if not is_distributed():
+            return entry
+        if everywhere:
+            return broadcast_object(entry)
+        found = broadcast_object(entry is not None)
+        return entry if is_main() else ({} if found else None)
+
+    def _read(self, kind: str, extra: dict | None = None):
         path = self.cache_path(kind, extra)
         if path is None or not path.is_file():
             return None
@@ -104,7 +120,7 @@ class InfluenceEngine:
 
     def _save(self, obj, kind: str, extra: dict | None = None) -> None:
         path = self.cache_path(kind, extra)
-        if path is None:
+        if path is None or not is_main():
             return
         from .io import atomic_torch_save
 
@@ -115,7 +131,7 @@ class InfluenceEngine:
         """Fit the solver's curvature once (from the cache when present)."""
         if self._fitted:
             return self
-        state = self._load("curvature")
+        state = self._load("curvature", everywhere=True)  # every rank loads a cached fit, or every rank fits
         self.solver.fit(self.model, self.train, weight_decay=self.weight_decay, layers=self.layers, state=state or None,
                         progress=self.progress)
         if state is None:
@@ -135,28 +151,33 @@ class InfluenceEngine:
         self.fit()
         return s_test(self.model, test_x, test_y, self.solver)
 
-    def scores(self, test_x: torch.Tensor, test_y: torch.Tensor) -> torch.Tensor:
-        """Scores (n_test, n_train), positive = helpful (see the module docstring); cached."""
+    def scores(self, test_x: torch.Tensor, test_y: torch.Tensor) -> torch.Tensor | None:
+        """Scores (n_test, n_train), positive = helpful (see the module docstring); cached.
+
+        Under torch.distributed: on rank 0; None on the other ranks."""
         check_inputs(test_x, test_y, _n_classes(self.model, test_x), what="test data")
         test_key = self._test_key(test_x, test_y)
         cached = self._load("scores", test_key)
-        if cached is not None and tuple(cached["scores"].shape) == (len(test_x), data_length(self.train)):
-            return cached["scores"]
+        if cached is not None and (not cached or tuple(cached["scores"].shape) == (len(test_x), data_length(self.train))):
+            return cached.get("scores")
         self.fit()
         out = influence(self.model, test_x, test_y, self.train, self.solver, self.chunk_size, self.progress)
-        self._save({"scores": out}, "scores", test_key)
+        if out is not None:
+            self._save({"scores": out}, "scores", test_key)
         return out
 
-    def top_k(self, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 10) -> TopK:
-        """The ``k`` most helpful and harmful training indices (and scores) per test image."""
-        return top_k(self.scores(test_x, test_y), k)
+    def top_k(self, test_x: torch.Tensor, test_y: torch.Tensor, k: int = 10) -> TopK | None:
+        """The ``k`` most helpful and harmful training indices (and scores) per test image (None off rank 0)."""
+        scores = self.scores(test_x, test_y)
+        return None if scores is None else top_k(scores, k)
 
-    def self_influence(self) -> torch.Tensor:
-        """Self-influence (n_train,) of every training image; cached."""
+    def self_influence(self) -> torch.Tensor | None:
+        """Self-influence (n_train,) of every training image; cached (None off rank 0 under torch.distributed)."""
         cached = self._load("self_influence")
-        if cached is not None and tuple(cached["self_influence"].shape) == (data_length(self.train),):
-            return cached["self_influence"]
+        if cached is not None and (not cached or tuple(cached["self_influence"].shape) == (data_length(self.train),)):
+            return cached.get("self_influence")
         self.fit()
         out = self_influence(self.model, self.train, self.solver, self.chunk_size, self.progress)
-        self._save({"self_influence": out}, "self_influence")
+        if out is not None:
+            self._save({"self_influence": out}, "self_influence")
         return out

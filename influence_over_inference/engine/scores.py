@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .distributed import broadcast_from_main, gather_columns, is_main, shard
 from .gradients import DEFAULT_CHUNK, grad_z, iter_grad_z
 from .params import check_inputs, count_selected, data_length
 from .solvers.base import InverseHVP
@@ -68,26 +69,32 @@ def influence(
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = False,
     stest: torch.Tensor | None = None,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Scores (n_test, n_train) with the module's sign convention (positive = helpful).
 
     ``train`` is the training split (or ``(x, y)``) the solver was fitted on; its gradients are
     streamed in chunks of ``chunk_size`` and never held all at once. ``stest`` may pass
     precomputed :func:`s_test` vectors (K, P) (any solver's, or nimarb's); then ``test_x`` and
-    ``test_y`` may be None.
+    ``test_y`` may be None. Under ``torch.distributed`` (:mod:`.distributed`) call it on every
+    rank: ``s_test`` is computed on rank 0 and broadcast, each rank scores its shard of the
+    training examples, and rank 0 returns all the scores; other ranks return None.
     """
     if stest is not None:
         stest = stest[None] if stest.ndim == 1 else stest
         if stest.shape[1] != count_selected(model, getattr(solver, "layers", None)):
             raise ValueError(f"stest must have shape (K, {count_selected(model, getattr(solver, 'layers', None))}), got {tuple(stest.shape)}")
-    else:
+    elif is_main():
         stest = s_test(model, test_x, test_y, solver)
+    stest = broadcast_from_main(stest)[0]
     n = data_length(train)
     p = next(model.parameters())
-    scores = torch.empty(len(stest), n, dtype=stest.dtype)
-    for start, g in iter_grad_z(model, train, chunk_size, p.device, getattr(solver, "layers", None), p.dtype, progress, "scoring training images"):
+    mine = shard(train, n, block=chunk_size)
+    scores = torch.empty(len(stest), data_length(mine), dtype=stest.dtype)
+    progress = progress and is_main()
+    for start, g in iter_grad_z(model, mine, chunk_size, p.device, getattr(solver, "layers", None), p.dtype, progress, "scoring training images"):
         scores[:, start : start + len(g)] = (stest @ g.T).cpu()  # (K, B)
-    return scores / n
+    scores = gather_columns(scores, n, block=chunk_size)
+    return None if scores is None else scores / n
 
 
 def self_influence(
@@ -96,23 +103,26 @@ def self_influence(
     solver: InverseHVP,
     chunk_size: int = DEFAULT_CHUNK,
     progress: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """``(1/n) grad L(j)^T (C + wd I + lambda I)^{-1} grad L(j)`` for every training example: (n,).
 
     Uses ``solver.quadratic_form`` (closed form and cheap for the fast solver; one inverse-HVP
-    per training example otherwise).
+    per training example otherwise). Under ``torch.distributed`` each rank takes its shard and
+    rank 0 returns the whole vector; other ranks return None.
     """
     n = data_length(train)
     p = next(model.parameters())
-    out = torch.empty(n, dtype=p.dtype)
+    mine = shard(train, n, block=chunk_size)
+    out = torch.empty(1, data_length(mine), dtype=p.dtype)
     basis = solver.basis()
-    if basis is not None:  # the fast solver: only products with its (r, P) basis and squared norms
-        for start, g in iter_grad_z(model, train, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
-            out[start : start + len(g)] = solver.quadratic_form_from_products(g @ basis.T, (g * g).sum(1)).cpu()
-        return out / n
-    for start, g in iter_grad_z(model, train, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
-        out[start : start + len(g)] = solver.quadratic_form(g).cpu()
-    return out / n
+    progress = progress and is_main()
+    for start, g in iter_grad_z(model, mine, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
+        if basis is not None:  # the fast solver: only products with its (r, P) basis and squared norms
+            out[0, start : start + len(g)] = solver.quadratic_form_from_products(g @ basis.T, (g * g).sum(1)).cpu()
+        else:
+            out[0, start : start + len(g)] = solver.quadratic_form(g).cpu()
+    out = gather_columns(out, n, block=chunk_size)
+    return None if out is None else out[0] / n
 
 
 @dataclass

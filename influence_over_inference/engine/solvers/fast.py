@@ -13,6 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import (
+    all_gather_rows,
+    all_reduce_sum,
+    broadcast_from_main,
+    is_main,
+    shard_indices,
+)
 from ..gradients import class_gradients
 from ..hooks import _hooks_supported, class_gradient_parts
 from .base import InverseHVP, _check_common
@@ -69,82 +76,58 @@ class FastSolver(InverseHVP):
     settings_class = FastSettings
 
     def _fit(self) -> None:
+        """Factor pieces of the subsample, their Gram matrix, its top eigenpairs, the basis.
+
+        Under ``torch.distributed`` (:mod:`..distributed`) each rank computes the pieces of its
+        share of the subsample (in whole chunks), the pieces are all-gathered, each rank forms
+        its rows of the Gram matrix and its part of the basis sum, and both are all-reduced;
+        rank 0 takes the eigenpairs and broadcasts them. One process: the same steps, all rows.
+        """
         s = self.settings
         gen = torch.Generator().manual_seed(s.seed)
         m = min(s.n_samples, self.n_train)
         idx = torch.randperm(self.n_train, generator=gen)[:m].sort().values
-        if _hooks_supported(self.model, self.layers):
-            self._fit_ghost(idx)
-            return
-        from tqdm.auto import tqdm
-
-        rows = []
-        for start in tqdm(range(0, m, s.chunk_size), desc="fast solver: GGN factor", unit="chunk", disable=not self.progress, leave=False):
-            x, _ = self._train_tensors(idx[start : start + s.chunk_size])
-            _, r = class_gradients(self.model, x, self.layers)  # (B, C, P)
-            rows.append(r.reshape(-1, self.n_params))
-        factor = torch.cat(rows) / math.sqrt(m)  # (m*C, P): GGN ~= factor.T @ factor
-        gram = factor @ factor.T  # (m*C, m*C)
-        evals, evecs = top_eigh(gram, s.rank, torch.Generator().manual_seed(s.seed))
-        nonzero = evals > evals[0] * 1e-10 if len(evals) else evals > 0
-        evals, evecs = evals[nonzero], evecs[:, nonzero]
+        mine = shard_indices(m, block=s.chunk_size)  # positions in idx this rank computes
+        local = self._factor_parts(idx[mine] if len(mine) else idx[:1])
+        if not len(mine):  # a rank without examples: shapes from one example, no rows
+            local = {name: (kind, *(t[:0] for t in ts)) for name, (kind, *ts) in local.items()}
+        parts = {name: (kind, *(all_gather_rows(t, m, s.chunk_size) for t in ts)) for name, (kind, *ts) in local.items()}
+        n_classes = next(iter(parts.values()))[1].shape[1]
+        rows_mine = (mine[:, None] * n_classes + torch.arange(n_classes)).reshape(-1)  # rows of the factor this rank owns
+        gram = torch.zeros(m * n_classes, m * n_classes, dtype=self.dtype, device=self.device)
+        for b0 in range(0, len(mine), s.chunk_size):  # in whole chunks: the same products in any number of processes
+            block = mine[b0 : b0 + s.chunk_size]
+            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device)] = _gram_rows(parts, block.to(self.device))
+        gram = all_reduce_sum(gram) / m  # Gram of factor = rows / sqrt(m)
+        evals = evecs = None
+        if is_main():
+            evals, evecs = top_eigh(gram, s.rank, torch.Generator().manual_seed(s.seed))
+            nonzero = evals > evals[0] * 1e-10 if len(evals) else evals > 0
+            evals, evecs = evals[nonzero], evecs[:, nonzero]
+        evals, evecs = broadcast_from_main(evals, evecs)
+        coef = evecs / (evals.sqrt() * math.sqrt(m))  # (m*C, r): U = rows^T coef
         self.eigenvalues = evals  # (r,)
-        self.eigenvectors = (factor.T @ evecs) / evals.sqrt()  # (P, r), orthonormal columns
+        self.eigenvectors = all_reduce_sum(_basis(parts, coef, mine.to(self.device)))  # (P, r), orthonormal columns
 
-    def _fit_ghost(self, idx: torch.Tensor) -> None:
-        """The same eigenpairs without materialising Linear-weight rows: the factor's Gram matrix
-        from ``(g . g')(a . a')`` per Linear layer, then the eigenvectors' Linear parts as
-        ``sum_rows w_row g_row a_row^T``. Several times faster and far lighter for the real CNN."""
+    def _factor_parts(self, idx: torch.Tensor) -> dict:
+        """Per-class gradient pieces of the examples ``idx``: ``{name: ("outer", g (B, C, out), a (B, in)) | ("rows", (B, C, k))}``.
+
+        The Linear-weight rows ``g a^T`` are never built where the hooks path applies (the Gram
+        needs only ``(g . g')(a . a')``, Goodfellow's identity); other models give one ``rows`` piece.
+        """
         from tqdm.auto import tqdm
 
         s = self.settings
-        m = len(idx)
+        ghost = _hooks_supported(self.model, self.layers)
         chunks = []
-        for start in tqdm(range(0, m, s.chunk_size), desc="fast solver: GGN factor", unit="chunk", disable=not self.progress, leave=False):
+        for start in tqdm(range(0, len(idx), s.chunk_size), desc="fast solver: GGN factor", unit="chunk", disable=not self.progress, leave=False):
             x, _ = self._train_tensors(idx[start : start + s.chunk_size])
-            chunks.append(class_gradient_parts(self.model, x, self.layers)[1])
-        names = list(chunks[0])
-        parts = {}
-        for name in names:
-            kind = chunks[0][name][0]
-            if kind == "outer":
-                g = torch.cat([c[name][1] for c in chunks])  # (m, C, out)
-                a = torch.cat([c[name][2] for c in chunks])  # (m, in)
-                parts[name] = ("outer", g.reshape(-1, g.shape[-1]), a)
+            if ghost:
+                chunks.append(class_gradient_parts(self.model, x, self.layers)[1])
             else:
-                r = torch.cat([c[name][1] for c in chunks])  # (m, C, k)
-                parts[name] = ("rows", r.reshape(-1, r.shape[-1]))
-        n_classes = chunks[0][names[0]][1].shape[1]
-        del chunks
-        gram = None
-        for kind, *t in parts.values():
-            if kind == "outer":
-                g, a = t
-                aa = a @ a.T  # (m, m)
-                term = (g @ g.T) * aa.repeat_interleave(n_classes, 0).repeat_interleave(n_classes, 1)
-            else:
-                term = t[0] @ t[0].T
-            gram = term if gram is None else gram + term
-        gram /= m  # Gram of factor = rows / sqrt(m)
-        evals, evecs = top_eigh(gram, s.rank, torch.Generator().manual_seed(s.seed))
-        nonzero = evals > evals[0] * 1e-10 if len(evals) else evals > 0
-        evals, evecs = evals[nonzero], evecs[:, nonzero]
-        coef = evecs / (evals.sqrt() * math.sqrt(m))  # (m*C, r): U = rows^T coef
-        blocks = []
-        for kind, *t in parts.values():
-            if kind == "outer":
-                g, a = t  # (m*C, out), (m, in)
-                a_rows = a.repeat_interleave(n_classes, 0)  # (m*C, in)
-                cols = []
-                for k0 in range(0, coef.shape[1], 64):
-                    w = coef[:, k0 : k0 + 64]  # (R, k)
-                    weighted = (w.T[:, :, None] * g[None]).transpose(1, 2)  # (k, out, R)
-                    cols.append((weighted @ a_rows).reshape(w.shape[1], -1).T)  # (out*in, k)
-                blocks.append(torch.cat(cols, dim=1))
-            else:
-                blocks.append(t[0].T @ coef)  # (numel, r)
-        self.eigenvalues = evals
-        self.eigenvectors = torch.cat(blocks, dim=0)  # (P, r)
+                chunks.append({"all": ("rows", class_gradients(self.model, x, self.layers)[1])})  # (B, C, P)
+        return {name: (kind, *(torch.cat([c[name][1 + i] for c in chunks]) for i in range(len(ts))))
+                for name, (kind, *ts) in chunks[0].items()}
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
@@ -172,6 +155,46 @@ class FastSolver(InverseHVP):
     def load_state_dict(self, state: dict) -> None:
         self.eigenvalues = state["eigenvalues"].to(self.device, self.dtype)
         self.eigenvectors = state["eigenvectors"].to(self.device, self.dtype)
+
+
+
+def _gram_rows(parts: dict, mine: torch.Tensor) -> torch.Tensor:
+    """Rows ``mine`` (sample positions, all their classes) of the factor's Gram matrix (|mine| C, m C), unscaled."""
+    out = None
+    for kind, *t in parts.values():
+        if kind == "outer":
+            g, a = t  # (m, C, out), (m, in)
+            n_classes = g.shape[1]
+            gg = g[mine].reshape(-1, g.shape[-1]) @ g.reshape(-1, g.shape[-1]).T  # (|mine| C, m C)
+            term = gg * (a[mine] @ a.T).repeat_interleave(n_classes, 0).repeat_interleave(n_classes, 1)
+        else:
+            r = t[0].reshape(t[0].shape[0], -1, t[0].shape[-1])  # (m, C, k)
+            term = r[mine].reshape(-1, r.shape[-1]) @ r.reshape(-1, r.shape[-1]).T
+        out = term if out is None else out + term
+    return out
+
+
+def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
+    """``rows^T coef`` (P, r) summed over the factor rows of the samples ``mine`` only (the rest is other ranks')."""
+    blocks = []
+    n_classes = next(iter(parts.values()))[1].shape[1]
+    rows = (mine[:, None] * n_classes + torch.arange(n_classes, device=mine.device)).reshape(-1)
+    coef = coef[rows]  # (|mine| C, r)
+    for kind, *t in parts.values():
+        if kind == "outer":
+            g, a = t  # (m, C, out), (m, in)
+            g = g[mine].reshape(-1, g.shape[-1])  # (R, out)
+            a_rows = a[mine].repeat_interleave(n_classes, 0)  # (R, in)
+            cols = []
+            for k0 in range(0, coef.shape[1], 64):
+                w = coef[:, k0 : k0 + 64]  # (R, k)
+                weighted = (w.T[:, :, None] * g[None]).transpose(1, 2)  # (k, out, R)
+                cols.append((weighted @ a_rows).reshape(w.shape[1], -1).T)  # (out*in, k)
+            blocks.append(torch.cat(cols, dim=1) if cols else g.new_zeros(g.shape[1] * a.shape[1], 0))
+        else:
+            r = t[0][mine]
+            blocks.append(r.reshape(-1, r.shape[-1]).T @ coef)  # (numel, r)
+    return torch.cat(blocks, dim=0)
 
 
 def top_eigh(matrix: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 20, iters: int = 4):
