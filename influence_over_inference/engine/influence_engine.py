@@ -143,6 +143,19 @@ class InfluenceEngine:
         """The ``k`` most helpful and harmful training indices (and scores) per test image."""
         return top_k(self.scores(test_x, test_y), k)
 
+    def perturbation(self, test_x: torch.Tensor, test_y: torch.Tensor, train_indices) -> torch.Tensor:
+        """Perturbation-influence maps (n_test, len(train_indices), *input shape) of the named training images.
+
+        ``<map[t, j], delta>`` predicts the rise of test image t's loss if training image j's
+        normalised input became ``x_j + delta`` (sign: see :mod:`.perturbation`). Not cached.
+        """
+        from .params import as_tensors
+        from .perturbation import perturbation_influence
+
+        x, y = as_tensors(self.train, torch.as_tensor(train_indices, dtype=torch.long).reshape(-1))
+        return perturbation_influence(self.model, self.s_test(test_x, test_y), x, y, data_length(self.train),
+                                      self.layers)
+
     def self_influence(self) -> torch.Tensor:
         """Self-influence (n_train,) of every training image; cached."""
         path = self.cache_path("self_influence")
