@@ -139,3 +139,16 @@ def test_sign_deltas_two_bars_per_test_image():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["#1", "#2", "#3"]
     with pytest.raises(ValueError, match="helpful"):
         plots.plot_sign_deltas([1.0], [1.0, 2.0])
+
+
+def test_perturbation_map_shows_the_image_and_three_symmetric_channels(images):
+    from influence_over_inference.report.perturbation_plots import plot_perturbation_map
+
+    pmap = np.random.default_rng(1).normal(size=(3, 32, 32))
+    fig = plot_perturbation_map(images[0], pmap, title="dog")
+    titles = [ax.get_title() for ax in fig.axes[:4]]
+    assert titles == ["training image", "red channel", "green channel", "blue channel"]
+    vmin, vmax = fig.axes[1].images[0].get_clim()
+    assert vmin == -vmax == -np.abs(pmap).max()
+    with pytest.raises(ValueError, match="pmap must have shape"):
+        plot_perturbation_map(images[0], pmap[:2])

@@ -171,6 +171,19 @@ class InfluenceEngine:
         scores = self.scores(test_x, test_y)
         return None if scores is None else top_k(scores, k)
 
+    def perturbation(self, test_x: torch.Tensor, test_y: torch.Tensor, train_indices) -> torch.Tensor:
+        """Perturbation-influence maps (n_test, len(train_indices), *input shape) of the named training images.
+
+        ``<map[t, j], delta>`` predicts the rise of test image t's loss if training image j's
+        normalised input became ``x_j + delta`` (sign: see :mod:`.perturbation`). Not cached.
+        """
+        from .params import as_tensors
+        from .perturbation import perturbation_influence
+
+        x, y = as_tensors(self.train, torch.as_tensor(train_indices, dtype=torch.long).reshape(-1))
+        return perturbation_influence(self.model, self.s_test(test_x, test_y), x, y, data_length(self.train),
+                                      self.layers)
+
     def self_influence(self) -> torch.Tensor | None:
         """Self-influence (n_train,) of every training image; cached (None off rank 0 under torch.distributed)."""
         cached = self._load("self_influence")

@@ -13,6 +13,11 @@ Positive = helpful (removing j would raise the test loss); negative = harmful (r
 lower it). ``self_influence[j] = score[j, j]`` with t = j: large for atypical or mislabelled
 images (Koh & Liang, Section 5.4).
 
+PERTURBATION (:mod:`.perturbation`): ``map[t, j] = -grad_x score[t, j]``, the gradient with respect
+to training image j's normalised input, signed so that **moving the pixels of x_j along +map
+raises the predicted loss on t** (``<map, delta>`` is the predicted change when x_j becomes
+x_j + delta; Koh & Liang's I_pert,loss is ``n`` times the map).
+
 nimarb's ``pytorch-influence-functions`` calls the opposite lists "harmful" and "helpful"; with
 this convention :func:`top_k` returns ``helpful`` = largest scores, ``harmful`` = smallest.
 
