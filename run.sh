@@ -2,6 +2,7 @@
 # One entry point for a fresh machine (Python 3.10+):
 #   bash run.sh        set everything up, train the CNN, run the notebook and build the slides
 #   bash run.sh test   set everything up and run the tests
+#   bash run.sh mutate mutation testing of the engine and checkpoint loader -> results/mutation.json
 # CIFAR-10 comes from torchvision's download; offline, set CIFAR10_DIR to an image folder
 # (train/<class>/*, test/<class>/*) or keep the copy in ../shared/data/cifar10.
 set -euo pipefail
@@ -24,13 +25,24 @@ case "${1:-main}" in
     python -m ruff check .
     python -m pytest -q "$@"
     ;;
+  mutate)
+    # Mutation testing (not part of CI): mutmut re-runs the fast float64 tests once per mutant of
+    # the engine and the checkpoint loader; cached in mutants/, so a stopped run resumes. One thread.
+    # Optional: a mutant-name glob, e.g. bash run.sh mutate "influence_over_inference.engine.scores*"
+    shift || true
+    python -m pip install -q -r requirements-dev.txt
+    export OMP_NUM_THREADS=1
+    start=$(date +%s)
+    python -m mutmut run --max-children 1 "$@" || true
+    python tools/mutation.py --minutes "$(( ($(date +%s) - start) / 60 ))"
+    ;;
   main)
     python -m influence_over_inference train --json results/train.json
     python -m influence_over_inference notebook
     python -m influence_over_inference slides
     ;;
   *)
-    echo "usage: bash run.sh [main|test]" >&2
+    echo "usage: bash run.sh [main|test|mutate]" >&2
     exit 2
     ;;
 esac

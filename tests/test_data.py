@@ -1,4 +1,3 @@
-import time
 
 import numpy as np
 import pytest
@@ -51,9 +50,7 @@ def test_order_is_deterministic_and_cache_hits(image_folder, tmp_path, monkeypat
         raise AssertionError("decoded again despite the cache")
 
     monkeypatch.setattr(data_mod, "_decode", no_decode)
-    start = time.perf_counter()
-    second = load_cifar10(root, cache_dir=cache)
-    assert time.perf_counter() - start < 3
+    second = load_cifar10(root, cache_dir=cache)  # no_decode proves the cache served it
     assert second.train.names == first.train.names
     assert torch.equal(second.train.images, first.train.images)
     assert torch.equal(second.test.labels, first.test.labels)

@@ -50,6 +50,14 @@ class SignConfig:
             self.damping = round(1.0 / self.retrain.horizon, 4)
 
 
+def removal_lists(scores: torch.Tensor, n_remove: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per test image (row of ``scores``), the ``n_remove`` most harmful training indices (most
+    negative scores first) and the ``n_remove`` most helpful (most positive first): (K, n_remove) each."""
+    harmful = torch.argsort(scores, dim=1)[:, :n_remove]  # most negative first
+    helpful = torch.argsort(scores, dim=1, descending=True)[:, :n_remove]
+    return harmful, helpful
+
+
 def run_sign(data, config: SignConfig | None = None, cache_dir: str | os.PathLike = CACHE_DIR,
              progress: bool = True) -> dict:
     """Experiment 4: remove each misclassified test image's ``n_remove`` most harmful (helpful) images, retrain."""
@@ -76,8 +84,7 @@ def run_sign(data, config: SignConfig | None = None, cache_dir: str | os.PathLik
     scores, seconds = _solver_scores(model, split, x_test, y_test, config.solver, config.solver_settings,
                                      config.damping, train_config.weight_decay, ckpt, data.source, progress,
                                      cache_dir)
-    harmful = torch.argsort(scores, dim=1)[:, : config.n_remove]  # most negative first
-    helpful = torch.argsort(scores, dim=1, descending=True)[:, : config.n_remove]
+    harmful, helpful = removal_lists(scores, config.n_remove)
     settings = {"experiment": "sign", "checkpoint": file_sha256(ckpt), "data_source": data.source,
                 "test": wrong.tolist(), "harmful": harmful.tolist(), "helpful": helpful.tolist(),
                 "retrain": asdict(config.retrain)}

@@ -1,0 +1,80 @@
+"""Summarise a mutmut 3 run (the ``mutants/`` folder) into ``results/mutation.json``.
+
+Per mutated module: mutants killed, survived, timed out, not run, and the survivors, each with a
+one-line reason where it is equivalent (no behaviour change; listed in ``EQUIVALENT`` after reading
+``mutmut show NAME``). ``score_engine`` / ``score_checkpoints`` = killed / (killed + survived),
+equivalent survivors excluded; timeouts (a mutant that loops forever is caught) count as killed.
+Usage: ``python tools/mutation.py --minutes M [--out results/mutation.json]`` after ``mutmut run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# mutant name -> why it cannot change behaviour (read with `mutmut show NAME`)
+EQUIVALENT = {
+    "influence_over_inference.engine.hashing.x_file_sha256__mutmut_14": "read(None) instead of 1 MiB blocks: same bytes hashed",
+    "influence_over_inference.engine.hashing.x_file_sha256__mutmut_16": "2 MiB read blocks instead of 1 MiB: same bytes hashed",
+    "influence_over_inference.engine.hashing.x_file_sha256__mutmut_17": "1 << 21 read blocks instead of 1 << 20: same bytes hashed",
+}
+KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
+
+
+def summarise(mutants: Path, minutes: float | None) -> dict:
+    modules, totals, not_run = {}, {"engine": [0, 0], "checkpoints": [0, 0]}, 0
+    for meta in sorted(mutants.rglob("*.py.meta")):
+        module = str(meta.relative_to(mutants))[: -len(".meta")]
+        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+        row = {"killed": 0, "survived": 0, "equivalent": 0, "timed_out": 0, "not_run": 0, "other": 0, "survivors": []}
+        for name, code in sorted(codes.items()):
+            if code is None:
+                row["not_run"] += 1
+            elif code in KILLED:
+                row["killed"] += 1
+            elif code in TIMEOUT:
+                row["timed_out"] += 1
+            elif code in SURVIVED:
+                reason = EQUIVALENT.get(name)
+                row["equivalent" if reason else "survived"] += 1
+                row["survivors"].append({"mutant": name, "equivalent": bool(reason), "reason": reason or ""})
+            else:
+                row["other"] += 1
+        not_run += row["not_run"]
+        if row["killed"] + row["survived"] + row["timed_out"] + row["equivalent"] == 0:
+            continue  # no mutant of this module run yet
+        modules[module] = row
+        group = "checkpoints" if module.endswith("study/checkpoints.py") else "engine"
+        totals[group][0] += row["killed"] + row["timed_out"]
+        totals[group][1] += row["survived"]
+
+    def score(group):
+        killed, survived = totals[group]
+        return round(killed / (killed + survived), 3) if killed + survived else None
+
+    return {
+        "tool": "mutmut 3.8.1 (bash run.sh mutate; config in pyproject.toml [tool.mutmut])",
+        "score_engine": score("engine"), "score_checkpoints": score("checkpoints"),
+        "n_mutants": sum(r["killed"] + r["survived"] + r["equivalent"] + r["timed_out"] for r in modules.values()),
+        "n_not_run": not_run,  # mutants generated but not run yet (resume: bash run.sh mutate)
+        "minutes": minutes, "modules": modules,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mutants", default="mutants")
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock minutes of the mutmut run")
+    p.add_argument("--out", default="results/mutation.json")
+    args = p.parse_args(argv)
+    result = summarise(Path(args.mutants), args.minutes)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"score_engine={result['score_engine']} score_checkpoints={result['score_checkpoints']} "
+          f"n_mutants={result['n_mutants']} not_run={result['n_not_run']} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
