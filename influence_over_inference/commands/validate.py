@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--methods", nargs="+", default=None,
                    help="lds only: methods to score (default: all: fast fast_v1 grad_dot random kronfluence_ekfac "
                         "trak_1 cg lissa nimarb)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="lds only: score only methods whose scores are cached (others reported as not computed)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -124,7 +126,7 @@ def _cmd_lds(args, data) -> int:
     out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
     arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
     r = run_lds(data, args.checkpoint, config, tuple(args.methods or FAST_METHODS + SLOW_METHODS), out=out,
-                arrays=arrays)
+                arrays=arrays, cached_only=args.cached_only)
     print(f"LDS over {r['n_subsets']} subset models, {r['n_test']} test images ({r['minutes']:.1f} min):")  # noqa: T201
     for name, m in r["methods"].items():
         if not m.get("computed"):

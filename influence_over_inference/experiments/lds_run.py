@@ -8,6 +8,7 @@ every method, so an interrupted run keeps the methods done.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -72,8 +73,13 @@ def _fast_is_v1() -> bool:
 
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
             methods: tuple[str, ...] = FAST_METHODS + SLOW_METHODS, cache_dir: str | os.PathLike = LDS_DIR,
-            out: str | os.PathLike = RESULT_PATH, arrays: str | os.PathLike = ARRAYS_PATH) -> dict:
-    """Score ``methods`` against the subset models trained so far; returns (and writes) the result dict."""
+            out: str | os.PathLike = RESULT_PATH, arrays: str | os.PathLike = ARRAYS_PATH, cached_only: bool = False
+            ) -> dict:
+    """Score ``methods`` against the subset models trained so far; returns (and writes) the result dict.
+
+    ``cached_only``: report the methods whose scores are not cached yet as not computed (no new work),
+    e.g. to assemble the results of runs made in parallel processes.
+    """
     from ..engine.hashing import file_sha256
     from ..study.checkpoints import load_checkpoint
 
@@ -106,9 +112,14 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         same_as_fast = name == "fast_v1" and _fast_is_v1() and "fast" in per_test_scores
         if same_as_fast:  # today's default is v1: the same scores, not computed twice
             scores, seconds, described = per_test_scores["fast"], result["methods"]["fast"]["seconds"], {"same_as": "fast"}
+        elif not path.exists() and cached_only:
+            result["methods"][name] = {"computed": False, "reason": "no cached scores (not finished in time); "
+                                       f"run `validate lds --methods {name}`"}
+            continue
         elif path.exists():
             blob = np.load(path, allow_pickle=False)
-            scores, seconds, described = blob["scores"], float(blob["seconds"]), {}
+            scores, seconds = blob["scores"], float(blob["seconds"])
+            described = json.loads(str(blob["settings"])) if "settings" in blob.files else {}
         else:
             t0 = time.perf_counter()
             try:
@@ -118,7 +129,8 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
                 result["methods"][name] = {"computed": False, "reason": f"{type(error).__name__}: {error}"}
                 continue
             seconds = time.perf_counter() - t0
-            save_npz_atomic(path, scores=scores.astype(np.float32), seconds=np.float64(seconds))
+            save_npz_atomic(path, scores=scores.astype(np.float32), seconds=np.float64(seconds),
+                            settings=np.array(json.dumps(described)))
         if name == "fast":
             per_test_scores["fast"] = scores
         summary, per_m, per_l = lds_summary(scores, masks, outputs["margins"][:, pos], outputs["losses"][:, pos],
