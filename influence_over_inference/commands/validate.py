@@ -17,7 +17,9 @@ def register(subparsers) -> None:
     """``python -m influence_over_inference validate {loo-convex,loo-network,flipped,sign,all}``."""
     p = subparsers.add_parser("validate", help="check influence against retraining: leave-one-out (convex, network), "
                                                "flipped labels, the sign; writes results/validation.json")
-    p.add_argument("experiment", choices=(*EXPERIMENTS, "all"), help="which experiment (all: the four in turn)")
+    p.add_argument("experiment", choices=(*EXPERIMENTS, "lds", "all"),
+                   help="which experiment (all: the four in turn; lds: the linear datamodeling score against models "
+                        "retrained on random halves, results/lds.json, not part of all)")
     p.add_argument("--checkpoint", default="data/cifar_net.pt", help="trained model for loo-convex (default: %(default)s)")
     p.add_argument("--data", default="auto", help="CIFAR-10 source, as for `train`")
     p.add_argument("--data-root", default="data", help="where torchvision downloads to and caches live")
@@ -34,6 +36,13 @@ def register(subparsers) -> None:
     p.add_argument("--worker", default="0/1", metavar="I/N",
                    help="loo-network only: this process is worker I of N parallel retraining processes "
                         "(start worker 0 first; the others once it retrains); default %(default)s")
+    p.add_argument("--retrain-only", action="store_true",
+                   help="lds only: train this worker's subset models (see --worker) and stop; score later")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="lds only: methods to score (default: all: fast fast_v1 grad_dot random kronfluence_ekfac "
+                        "trak_1 cg lissa nimarb)")
+    p.add_argument("--cached-only", action="store_true",
+                   help="lds only: score only methods whose scores are cached (others reported as not computed)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -65,6 +74,8 @@ def cmd_validate(args) -> int:
     data = load_cifar10(args.data, root=args.data_root)
     from ..experiments.flipped import FlippedConfig
 
+    if args.experiment == "lds":
+        return _cmd_lds(args, data)
     chosen = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     progress = not args.no_progress
     sets = _overrides(args.set)
@@ -102,4 +113,30 @@ def cmd_validate(args) -> int:
         header = f"{name} ({r['minutes']:.1f} min, n_train {r['settings']['n_train']}):"
         print("\n  ".join([header, *lines]), flush=True)  # noqa: T201 (CLI output)
     print(f"summary: {args.out}")  # noqa: T201 (CLI output)
+    return 0
+
+
+def _cmd_lds(args, data) -> int:
+    from ..experiments.lds import LDSConfig, retrain_subsets
+    from ..experiments.lds_run import ARRAYS_PATH as LDS_ARRAYS
+    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, run_lds
+
+    config = LDSConfig(**_overrides(args.set))
+    worker, workers = (int(v) for v in args.worker.split("/"))
+    retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
+    if args.retrain_only:
+        print(f"worker {worker}/{workers}: subset models done")  # noqa: T201 (CLI output)
+        return 0
+    out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
+    arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
+    r = run_lds(data, args.checkpoint, config, tuple(args.methods or FAST_METHODS + SLOW_METHODS), out=out,
+                arrays=arrays, cached_only=args.cached_only)
+    print(f"LDS over {r['n_subsets']} subset models, {r['n_test']} test images ({r['minutes']:.1f} min):")  # noqa: T201
+    for name, m in r["methods"].items():
+        if not m.get("computed"):
+            print(f"  {name}: not computed ({m['reason']})")  # noqa: T201 (CLI output)
+            continue
+        print(f"  {name}: margin {m['lds_margin']:.4f} [{m['lds_margin_ci'][0]:.4f}, {m['lds_margin_ci'][1]:.4f}], "  # noqa: T201
+              f"loss {m['lds_loss']:.4f}, subset ({r['n_test_subset']} images) {m['lds_margin_subset']:.4f}")
+    print(f"results: {out}")  # noqa: T201 (CLI output)
     return 0

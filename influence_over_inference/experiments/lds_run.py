@@ -1,0 +1,158 @@
+"""The LDS experiment: retrained subset models (:mod:`.lds`), every method's scores (:mod:`.lds_methods`),
+their LDS (:mod:`.lds_score`), written to ``results/lds.json`` and a small npz.
+
+Each method's scores are cached under ``data/lds/scores/`` (named by the method, the checkpoint and
+the test images), so a rerun only computes what is missing; the result file is rewritten after
+every method, so an interrupted run keeps the methods done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..engine.io import save_npz_atomic, write_json_atomic
+from .lds import (
+    LDS_DIR,
+    LDSConfig,
+    balanced_test_indices,
+    load_outputs,
+    nested_subset,
+    subset_masks,
+)
+from .lds_score import lds_summary
+from .store import settings_key
+
+log = logging.getLogger(__name__)
+
+RESULT_PATH = Path("results/lds.json")
+
+ARRAYS_PATH = Path("results/lds.npz")
+
+FAST_METHODS = ("fast", "fast_v1", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
+
+SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
+
+
+def _method_scores(name, model, wd, train, x, y, work: Path):
+    from . import lds_methods as m
+
+    if name == "fast":
+        return m.solver_scores("fast", {}, model, wd, train, x, y)
+    if name == "fast_v1":
+        return m.solver_scores("fast", m.FAST_V1, model, wd, train, x, y)
+    if name == "grad_dot":
+        return m.grad_dot_scores(model, wd, train, x, y)
+    if name == "random":
+        return m.random_scores(len(y), len(train))
+    if name == "kronfluence_ekfac":
+        return m.kronfluence_scores(model, wd, train, x, y, work / "kronfluence")
+    if name == "trak_1":
+        return m.trak_scores(model, train, x, y, work / "trak")
+    if name == "cg":
+        return m.solver_scores("cg", m.CG_SETTINGS, model, wd, train, x, y)
+    if name == "lissa":
+        return m.lissa_scores(model, wd, train, x, y)
+    if name == "nimarb":
+        return m.nimarb_scores(model, train, x, y)
+    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}")
+
+
+def _fast_is_v1() -> bool:
+    from ..engine.solvers import make_solver
+    from .lds_methods import FAST_V1
+
+    return make_solver("fast").describe() == make_solver("fast", **FAST_V1).describe()
+
+
+def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
+            methods: tuple[str, ...] = FAST_METHODS + SLOW_METHODS, cache_dir: str | os.PathLike = LDS_DIR,
+            out: str | os.PathLike = RESULT_PATH, arrays: str | os.PathLike = ARRAYS_PATH, cached_only: bool = False
+            ) -> dict:
+    """Score ``methods`` against the subset models trained so far; returns (and writes) the result dict.
+
+    ``cached_only``: report the methods whose scores are not cached yet as not computed (no new work),
+    e.g. to assemble the results of runs made in parallel processes.
+    """
+    from ..engine.hashing import file_sha256
+    from ..study.checkpoints import load_checkpoint
+
+    config = config or LDSConfig()
+    start = time.perf_counter()
+    model, meta = load_checkpoint(checkpoint)
+    wd = float(meta.get("recipe", {}).get("weight_decay", 0.0))
+    test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
+    sub_pos = nested_subset(test_idx, config.n_test_subset, config.test_seed + 1)
+    outputs = load_outputs(data, config, test_idx, cache_dir)
+    done = outputs["subsets"]
+    if len(done) < 2:
+        raise RuntimeError(f"only {len(done)} subset models in {cache_dir}; train them first (validate lds --retrain-only)")
+    masks = subset_masks(len(data.train), config)[done]
+    x, y = data.test.tensors(test_idx)
+    work = Path(cache_dir) / "scores"
+    key = settings_key({"checkpoint": file_sha256(checkpoint), "data_source": data.source,
+                        "test": test_idx.tolist()})
+    result = {"n_subsets": int(len(done)), "n_subsets_planned": config.n_subsets, "n_test": int(len(test_idx)),
+              "n_test_subset": int(len(sub_pos)), "alpha": config.alpha, "data_source": data.source,
+              "checkpoint": str(checkpoint), "default_solver": "fast",
+              "subset_model_test_accuracy_mean": float(outputs["test_accuracy"].mean()),
+              "subset_model_minutes_mean": float(outputs["seconds"].mean() / 60),
+              "config": asdict(config), "methods": {}}
+    per_test, per_test_scores = {}, {}
+    for name in methods:
+        slow = name in SLOW_METHODS
+        pos = sub_pos if slow else np.arange(len(test_idx))
+        path = work / f"{name}-{key}{'-subset' + settings_key(pos.tolist()) if slow else ''}.npz"
+        same_as_fast = name == "fast_v1" and _fast_is_v1() and "fast" in per_test_scores
+        if same_as_fast:  # today's default is v1: the same scores, not computed twice
+            scores, seconds, described = per_test_scores["fast"], result["methods"]["fast"]["seconds"], {"same_as": "fast"}
+        elif not path.exists() and cached_only:
+            result["methods"][name] = {"computed": False, "reason": "no cached scores (not finished in time); "
+                                       f"run `validate lds --methods {name}`"}
+            continue
+        elif path.exists():
+            blob = np.load(path, allow_pickle=False)
+            scores, seconds = blob["scores"], float(blob["seconds"])
+            described = json.loads(str(blob["settings"])) if "settings" in blob.files else {}
+        else:
+            t0 = time.perf_counter()
+            try:
+                scores, described = _method_scores(name, model, wd, data.train, x[pos], y[pos], work)
+            except Exception as error:  # a peer that fails is reported, not fatal
+                log.exception("method %s failed", name)
+                result["methods"][name] = {"computed": False, "reason": f"{type(error).__name__}: {error}"}
+                continue
+            seconds = time.perf_counter() - t0
+            save_npz_atomic(path, scores=scores.astype(np.float32), seconds=np.float64(seconds),
+                            settings=np.array(json.dumps(described)))
+        if name == "fast":
+            per_test_scores["fast"] = scores
+        summary, per_m, per_l = lds_summary(scores, masks, outputs["margins"][:, pos], outputs["losses"][:, pos],
+                                            n_boot=config.n_boot)
+        if not slow:
+            sub, _, _ = lds_summary(scores[sub_pos], masks, outputs["margins"][:, sub_pos],
+                                    outputs["losses"][:, sub_pos], n_boot=config.n_boot)
+            summary.update({k.replace("_ci", "_subset_ci") if k.endswith("_ci") else f"{k}_subset": v
+                            for k, v in sub.items() if k.startswith("lds")})
+        else:
+            summary.update({k.replace("_ci", "_subset_ci") if k.endswith("_ci") else f"{k}_subset": v
+                            for k, v in summary.items() if k.startswith("lds")})
+        summary.update({"n_models": 1, "seconds": seconds, "settings": described, "computed": True})
+        result["methods"][name] = summary
+        per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
+        result["minutes"] = (time.perf_counter() - start) / 60
+        write_json_atomic(result, out)
+        save_npz_atomic(arrays, test_indices=test_idx, subset_positions=sub_pos, subsets=done,
+                        margins=outputs["margins"].astype(np.float32), losses=outputs["losses"].astype(np.float32),
+                        **per_test)
+        log.info("%s: LDS margin %.4f %s, loss %.4f", name, summary["lds_margin"], summary["lds_margin_ci"],
+                 summary["lds_loss"])
+    result["minutes"] = (time.perf_counter() - start) / 60
+    write_json_atomic(result, out)
+    return result

@@ -1,0 +1,147 @@
+"""The LDS (linear datamodeling score): the metric against plain loops, exact influence on a convex
+problem retrained on random halves, random scores at zero, and resumable retraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from influence_over_inference.experiments.lds import (
+    LDSConfig,
+    balanced_test_indices,
+    margins_and_losses,
+    model_key,
+    model_path,
+    retrain_subsets,
+    subset_mask,
+)
+from influence_over_inference.experiments.lds_score import (
+    bootstrap_ci,
+    lds_per_test,
+    rowwise_spearman,
+)
+from influence_over_inference.experiments.metrics import spearman
+
+EXACT_CONVEX_LDS_MIN = 0.8  # measured 0.983 (seed 0; gradient dot product 0.960): exact influence ranks the halves' retrained models well
+RANDOM_LDS_MAX = 0.1  # |mean LDS| of random scores over 40 test points (measured -0.027)
+
+
+def test_rowwise_spearman_and_lds_match_plain_loops():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(7, 12)), rng.normal(size=(7, 12))
+    b[0] = np.round(b[0])  # ties
+    loop = [spearman(a[i], b[i]) for i in range(7)]
+    np.testing.assert_allclose(rowwise_spearman(a, b), loop, rtol=0, atol=1e-12)
+    scores, masks, outputs = rng.normal(size=(5, 30)), rng.random((9, 30)) < 0.5, rng.normal(size=(9, 5))
+    pred = [[scores[t][masks[k]].sum() for k in range(9)] for t in range(5)]
+    np.testing.assert_allclose(lds_per_test(scores, masks, outputs, "margin"),
+                               [spearman(pred[t], outputs[:, t]) for t in range(5)], atol=1e-12)
+    np.testing.assert_allclose(lds_per_test(scores, masks, outputs, "loss"),
+                               [spearman(pred[t], -outputs[:, t]) for t in range(5)], atol=1e-12)
+
+
+def test_bootstrap_matches_plain_loop():
+    values = np.random.default_rng(1).normal(size=50)
+    rng = np.random.default_rng(3)
+    means = [values[rng.integers(0, 50, size=50)].mean() for _ in range(200)]
+    lo, hi = bootstrap_ci(values, n_boot=200, seed=3)
+    np.testing.assert_allclose([lo, hi], np.quantile(means, [0.025, 0.975]), atol=1e-12)
+    assert lo < values.mean() < hi
+
+
+def test_margin_and_loss_of_logits():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    margin, loss = margins_and_losses(logits, torch.tensor([0, 0]))
+    np.testing.assert_allclose(margin[0], 2.0 - np.log(np.exp(0.0) + np.exp(-1.0)), atol=1e-12)
+    np.testing.assert_allclose(loss, np.log1p(np.exp(-margin)), atol=1e-12)  # loss = softplus(-margin)
+
+
+def _fit_logreg(x, y, lam, w=None):
+    """Newton's method on mean logistic loss + lam/2 |w|^2 (labels +-1), float64."""
+    w = np.zeros(x.shape[1]) if w is None else w.copy()
+    for _ in range(30):
+        p = 1 / (1 + np.exp(y * (x @ w)))  # sigmoid(-y w.x)
+        grad = -(x * (y * p)[:, None]).mean(0) + lam * w
+        hess = (x.T * (p * (1 - p))) @ x / len(y) + lam * np.eye(x.shape[1])
+        w -= np.linalg.solve(hess, grad)
+    return w, hess
+
+
+def test_exact_influence_has_high_lds_on_a_convex_problem_and_random_is_near_zero():
+    rng = np.random.default_rng(0)
+    n, d, lam = 200, 5, 1e-2
+    w_true = rng.normal(size=d)
+    x = rng.normal(size=(n, d))
+    y = np.where(rng.random(n) < 1 / (1 + np.exp(-x @ w_true)), 1.0, -1.0)
+    xt = rng.normal(size=(40, d))
+    yt = np.where(xt @ w_true > 0, 1.0, -1.0)
+    w, hess = _fit_logreg(x, y, lam)
+    g_train = -x * (y / (1 + np.exp(y * (x @ w))))[:, None]  # (n, d)
+    g_test = -xt * (yt / (1 + np.exp(yt * (xt @ w))))[:, None]
+    scores = g_test @ np.linalg.solve(hess, g_train.T) / n  # project sign: positive = helpful
+    masks = np.stack([subset_mask(n, 0.5, k) for k in range(30)])
+    margins = np.stack([yt * (xt @ _fit_logreg(x[m], y[m], lam, w)[0]) for m in masks])  # (S, T)
+    lds = np.nanmean(lds_per_test(scores, masks, margins, "margin"))
+    assert lds > EXACT_CONVEX_LDS_MIN
+    assert np.nanmean(lds_per_test(-scores, masks, margins, "margin")) < -EXACT_CONVEX_LDS_MIN  # the sign matters
+    random = np.random.default_rng(5).normal(size=scores.shape)
+    assert abs(np.nanmean(lds_per_test(random, masks, margins, "margin"))) < RANDOM_LDS_MAX
+
+
+class _Split:
+    def __init__(self, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen)
+        self.labels = torch.arange(n) % 10
+        self.names = [f"{i}.png" for i in range(n)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def tensors(self, indices=None):
+        from influence_over_inference.study.data import normalize_uint8
+
+        return normalize_uint8(self.images), self.labels.clone()
+
+
+class _Data:
+    def __init__(self):
+        self.train, self.test, self.source = _Split(40, 0), _Split(20, 1), "fake"
+
+
+def test_retraining_resumes_without_retraining_finished_subsets(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from influence_over_inference.experiments import retraining
+    from influence_over_inference.study.model import Net
+
+    monkeypatch.setattr(retraining, "subset_split", lambda split, idx: split)
+    data, config = _Data(), LDSConfig(n_subsets=4, n_test=10, n_test_subset=2)
+    calls = []
+
+    def fake_train(split, recipe, progress=False):
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the run is killed while training the third model
+        calls.append(recipe.seed)
+        torch.manual_seed(recipe.seed)
+        return SimpleNamespace(model=Net())
+
+    with pytest.raises(KeyboardInterrupt):
+        retrain_subsets(data, config, tmp_path, progress=False, train_fn=fake_train)
+    key = model_key(data.source, config)
+    assert [model_path(tmp_path, key, s).exists() for s in range(4)] == [True, True, False, False]
+    assert not list(tmp_path.glob(".*tmp*"))  # nothing half-written
+    first = model_path(tmp_path, key, 0).stat().st_mtime_ns
+    calls.clear()
+    retrain_subsets(data, config, tmp_path, progress=False, train_fn=fake_train)
+    assert calls == [2, 3]  # only the subsets not finished were trained
+    assert model_path(tmp_path, key, 0).stat().st_mtime_ns == first
+
+
+def test_test_images_are_class_balanced_and_subsets_are_halves():
+    labels = torch.arange(1000) % 10
+    idx = balanced_test_indices(labels, 50, seed=0)
+    assert np.bincount(labels[idx].numpy(), minlength=10).tolist() == [5] * 10
+    assert subset_mask(1000, 0.5, 3).sum() == 500
+    assert not np.array_equal(subset_mask(1000, 0.5, 3), subset_mask(1000, 0.5, 4))
