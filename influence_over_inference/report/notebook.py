@@ -99,8 +99,6 @@ def clean(nb) -> None:
     if pm is not None:
         params = pm.get("parameters") or {}
         kept = {"parameters": {k: scrub_paths(v) if isinstance(v, str) else v for k, v in params.items()}}
-        if pm.get("input_path"):  # the file name only: no machine path (or temporary name) in a committed notebook
-            kept["input_path"] = Path(pm["input_path"]).name
         nb.metadata["papermill"] = kept
 
 
