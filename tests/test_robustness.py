@@ -289,7 +289,7 @@ def test_executed_notebook_keeps_no_machine_path():
     nb.metadata["papermill"] = {"parameters": {"QUICK": True}, "input_path": "/home/me/repo/nb.ipynb",
                                 "output_path": "/home/me/repo/.nb.running123.ipynb", "start_time": "x"}
     clean(nb)
-    assert nb.metadata["papermill"] == {"parameters": {"QUICK": True}, "input_path": "nb.ipynb"}
+    assert nb.metadata["papermill"] == {"parameters": {"QUICK": True}}  # no machine path, no temporary name
 
 
 def test_migration_rewrites_old_sources_and_nothing_else():
