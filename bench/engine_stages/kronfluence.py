@@ -9,31 +9,11 @@ import time
 import torch
 
 from influence_over_inference.engine.io import atomic_torch_save
+from influence_over_inference.experiments.lds_methods import kronfluence_task
 
 from .common import _test
 
 log = logging.getLogger("bench")
-
-def _kron_task():
-    from kronfluence.task import Task
-
-    class ClassificationTask(Task):
-        """Summed cross-entropy; the measurement is the test loss (as our scores')."""
-
-        def compute_train_loss(self, batch, model, sample=False):
-            x, y = batch
-            logits = model(x)
-            if sample:  # the true Fisher: labels drawn from the model's own predictions
-                with torch.no_grad():
-                    y = torch.multinomial(torch.softmax(logits.detach(), dim=-1), 1).flatten()
-            return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-
-        def compute_measurement(self, batch, model):
-            x, y = batch
-            return torch.nn.functional.cross_entropy(model(x), y, reduction="sum")
-
-    return ClassificationTask()
-
 
 def kronfluence_scores(model, train_x, train_y, test_x, test_y, damping, out_dir, batch=512):
     """kronfluence EK-FAC pairwise scores (n_test, n_train) and the seconds of each phase.
@@ -46,7 +26,7 @@ def kronfluence_scores(model, train_x, train_y, test_x, test_y, damping, out_dir
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from torch.utils.data import TensorDataset
 
-    task = _kron_task()
+    task = kronfluence_task()
     kmodel = prepare_model(copy.deepcopy(model).eval(), task)
     analyzer = Analyzer("bench", kmodel, task, cpu=True, disable_tqdm=False, output_dir=str(out_dir))
     train_ds, test_ds = TensorDataset(train_x, train_y), TensorDataset(test_x, test_y)

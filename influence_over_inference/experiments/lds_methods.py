@@ -56,7 +56,7 @@ def random_scores(n_test: int, n_train: int, seed: int = 0) -> tuple[np.ndarray,
     return torch.randn(n_test, n_train, generator=gen).numpy(), {"seed": seed}
 
 
-def _kron_task():
+def kronfluence_task():
     from kronfluence.task import Task
 
     class ClassificationTask(Task):
@@ -84,7 +84,7 @@ def kronfluence_scores(model, wd, train, x, y, out_dir, damping: float = 0.01, b
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from torch.utils.data import TensorDataset
 
-    task = _kron_task()
+    task = kronfluence_task()
     kmodel = prepare_model(copy.deepcopy(model).eval(), task)
     analyzer = Analyzer("lds", kmodel, task, cpu=True, disable_tqdm=False, output_dir=str(out_dir))
     tx, ty = train.tensors()

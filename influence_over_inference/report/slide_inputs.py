@@ -64,9 +64,10 @@ class Missing:
 # Result files
 
 
-def _read_json(path: Path, what: str, command: str):
+def read_json(path: Path, what: str, command: str, missing: str = "missing"):
+    """The JSON at ``path``, or :class:`Missing` (reason ``missing`` when absent, or why it is unreadable)."""
     if not path.is_file():
-        return Missing(what, path, command)
+        return Missing(what, path, command, reason=missing)
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -79,7 +80,7 @@ def load_train_summary(path: str | os.PathLike = "results/train.json"):
     ``history`` (per epoch: ``epoch``, ``loss``, ``accuracy``), ``test_accuracy``,
     ``test_per_class`` (class -> accuracy), ``seconds_per_epoch``, ``n_train``, ``data_source``,
     ``device``. Returns the dict, or :class:`Missing`."""
-    return _read_json(Path(path), "training summary", COMMANDS["train"])
+    return read_json(Path(path), "training summary", COMMANDS["train"])
 
 
 def load_influence_results(path: str | os.PathLike = "results/influence.json"):
@@ -111,7 +112,7 @@ def load_influence_results(path: str | os.PathLike = "results/influence.json"):
     influence_over_inference influence`` (``tests`` entries with ``test_index``, ``label`` and
     ``predicted`` class names) is read as well.
     """
-    result = _read_json(Path(path), "influence results", COMMANDS["influence"])
+    result = read_json(Path(path), "influence results", COMMANDS["influence"])
     if isinstance(result, Missing):
         return result
     try:
@@ -159,7 +160,7 @@ def load_validation(path: str | os.PathLike = "results/validation.json"):
     ``loo_network_actual`` (one row per test image), ``flipped_curves`` (name -> [fraction
     checked, fraction found]) or npz keys ``flipped_checked`` and ``flipped_found_<name>``.
     """
-    result = _read_json(Path(path), "validation results", COMMANDS["validation"])
+    result = read_json(Path(path), "validation results", COMMANDS["validation"])
     if isinstance(result, Missing):
         return result
     arrays = result.get("arrays")
@@ -179,7 +180,7 @@ def load_engine_benchmark(path: str | os.PathLike = "bench/results/engine.json")
     ``nimarb_t100_s``, ``t100_fast_s``, ``t100_cg_s``, ``kronfluence_t100_s``,
     ``speedup_vs_nimarb``, ``t100_fast_epochs``, ``peak_rss_mb``, ``spearman_*_vs_cg``), or
     :class:`Missing`."""
-    return _read_json(Path(path), "benchmark", COMMANDS["engine"])
+    return read_json(Path(path), "benchmark", COMMANDS["engine"])
 
 
 def describe_source(source: str | None) -> str:

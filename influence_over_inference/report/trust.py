@@ -22,7 +22,6 @@ yet" and name the command that makes it. Figures follow :mod:`.plots`: they take
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -31,7 +30,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .slide_inputs import COMMANDS, Missing
+from .slide_inputs import COMMANDS, Missing, read_json
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +46,10 @@ STABILITY_LABELS = {
 }
 
 
-def _read(path: Path, what: str, command: str):
-    if not path.is_file():
-        return Missing(what, path, command, reason="not computed yet")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        log.warning("could not read %s: %s", path, error)
-        return Missing(what, path, command, reason=f"unreadable: {error}")
-
-
 def load_lds(path: str | os.PathLike = "results/lds.json"):
     """``results/lds.json`` (see the module docstring), or :class:`Missing` when it is absent,
     unreadable, or holds no method with a numeric ``lds_margin``."""
-    lds = _read(Path(path), "LDS against retraining", LDS_COMMAND)
+    lds = read_json(Path(path), "LDS against retraining", LDS_COMMAND, missing="not computed yet")
     if isinstance(lds, Missing):
         return lds
     methods = lds.get("methods") if isinstance(lds, dict) else None
@@ -73,7 +62,7 @@ def load_lds(path: str | os.PathLike = "results/lds.json"):
 def load_stability(path: str | os.PathLike = "bench/results/engine.json"):
     """The stability keys of the benchmark summary (module docstring), or :class:`Missing` when
     the file is absent or has no ``seed_spearman_default`` yet."""
-    engine = _read(Path(path), "seed stability of the default solver", STABILITY_COMMAND)
+    engine = read_json(Path(path), "seed stability of the default solver", STABILITY_COMMAND, missing="not computed yet")
     if isinstance(engine, Missing):
         return engine
     if _number(engine.get("seed_spearman_default")) is None:
