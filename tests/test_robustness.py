@@ -223,6 +223,20 @@ def test_bad_arguments_fail_before_loading_anything(tmp_path, image_folder, monk
     assert rc == 2 and message in err and err.count("\n") == 1, err
 
 
+def test_under_torchrun_bad_arguments_fail_before_the_process_group_forms(tmp_path, image_folder, monkeypatch, capsys):
+    """Every rank checks its arguments first: a typo must not wait for (or hang) a gloo rendezvous."""
+    root, _ = image_folder
+    ckpt = _tiny_checkpoint(tmp_path / "net.pt")
+    from influence_over_inference.engine import distributed
+
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda *a, **k: pytest.fail("joined the group before checking"))
+    for bad in (["--k", "0"], ["--solver", "fast", "--rank", "0"]):
+        rc = main(["influence", "--data", str(root), "--checkpoint", str(ckpt), "--out", str(tmp_path / "r"), *bad])
+        assert rc == 2 and capsys.readouterr().err.startswith("error:")
+
+
 def test_n_train_is_class_balanced_in_the_cli_and_in_training(tmp_path, image_folder, capsys):
     root, _ = image_folder
     ckpt = _tiny_checkpoint(tmp_path / "net.pt")

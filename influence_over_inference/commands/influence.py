@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -128,40 +129,43 @@ def _check_args(args) -> None:
 
 
 def cmd_influence(args) -> int:
-    """Under ``torchrun`` (RANK / WORLD_SIZE set) every rank joins the process group (gloo on the
-    CPU, nccl with ``--device cuda``: one GPU per rank) and scores its shard; rank 0 prints and writes."""
-    from ..engine.distributed import init_from_env
+    """Check the arguments and the solver settings, resolve the device once, then run.
 
-    device = init_from_env(_resolve(args.device))
+    Under ``torchrun`` (RANK / WORLD_SIZE set) every rank joins the process group (gloo on the
+    CPU, nccl with ``--device cuda``: one GPU per rank) only after its arguments have passed, so a
+    typo fails in milliseconds on every rank instead of after the group has formed; each rank scores
+    its shard and rank 0 prints and writes."""
+    from ..engine.distributed import init_from_env
+    from ..study.training import resolve_device
+
+    solver = _make_solver(args)  # validates the solver settings
+    _check_args(args)
+    device = resolve_device(args.device)
+    rank_device = init_from_env(device)
     try:
-        return _run(args, device)
+        return _run(args, solver, rank_device or device)
     finally:
-        if device is not None:
+        if rank_device is not None:
             torch.distributed.destroy_process_group()
 
 
-def _resolve(name: str):
-    from ..study.training import resolve_device
-
-    return resolve_device(name)
-
-
-def _run(args, rank_device) -> int:
+def _make_solver(args):
     from dataclasses import fields
 
-    import numpy as np
-
-    from ..engine.distributed import is_main
     from ..engine.solvers.registry import SOLVERS, make_solver
-    from ..study.training import resolve_device
 
     cls = SOLVERS[args.solver]
     settings = {f.name: getattr(args, f.name) for f in fields(cls.settings_class) if getattr(args, f.name, None) is not None}
-    solver = make_solver(args.solver, **settings)  # validates the solver settings
-    _check_args(args)
+    return make_solver(args.solver, **settings)
+
+
+def _run(args, solver, device: torch.device) -> int:
+    import numpy as np
+
+    from ..engine.distributed import is_main
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = rank_device or resolve_device(args.device)
     data = _load_data(args)
     classes = list(getattr(data, "classes", None) or data.train.classes)
     model, meta = _load_model(args, device)
@@ -173,8 +177,6 @@ def _run(args, rank_device) -> int:
     engine = InfluenceEngine(model, train, solver, weight_decay=weight_decay, layers=args.layers,
                              cache_dir=None if args.no_cache else args.cache_dir,
                              checkpoint=args.checkpoint, data_source=data.source, progress=is_main())
-    import time
-
     start = time.perf_counter()
     scores = engine.scores(x, y)  # (K, n_train)
     seconds = time.perf_counter() - start
