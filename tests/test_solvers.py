@@ -168,6 +168,42 @@ def test_fast_solver_state_roundtrip():
     assert torch.equal(again.inverse_hvp(v), fast.inverse_hvp(v))
 
 
+def test_fast_solver_averages_the_inverses_of_disjoint_fits(small):
+    """n_fits: each fit at full rank on its own subsample is exact for that subsample's GGN, and the
+    solver returns the mean of those inverses; quadratic forms (also from basis products) agree."""
+    _, model, x, y, v = small
+    fast = make_solver("fast", damping=0.05, rank=10_000, n_samples=15, n_fits=3, chunk_size=7).fit(model, x, y, weight_decay=WD)
+    parts = fast.subsamples()
+    assert [len(p) for p in parts] == [15, 15, 15] and len(torch.cat(parts).unique()) == 45  # disjoint
+    exact = [make_solver("exact", curvature="ggn", damping=0.05).fit(model, x[p], y[p], weight_decay=WD) for p in parts]
+    mean_inverse = sum(e.inverse_hvp(v) for e in exact) / len(exact)
+    assert rel(fast.inverse_hvp(v), mean_inverse) < EXACT_REL
+    quad = (mean_inverse * v).sum(1)
+    assert rel(fast.quadratic_form(v), quad) < EXACT_REL
+    assert rel(fast.quadratic_form_from_products(v @ fast.basis().T, (v * v).sum(1)), quad) < EXACT_REL
+    again = FastSolver(fast.settings).fit(model, x, y, weight_decay=WD, state=fast.state_dict())
+    assert torch.equal(again.inverse_hvp(v), fast.inverse_hvp(v))
+
+
+def test_fast_solver_subsamples_shrink_to_fit_a_small_training_set():
+    model, x, y = problem("mlp", n=40)
+    fast = make_solver("fast", damping=0.05, rank=20, n_samples=30, n_fits=4).fit(model, x, y, weight_decay=WD)
+    assert [len(p) for p in fast.subsamples()] == [10] * 4 and fast.n_fits == 4
+    whole = make_solver("fast", damping=0.05, rank=20, n_samples=40, n_fits=4).fit(model, x, y, weight_decay=WD)
+    assert whole.n_fits == 1  # the whole set: one (exact-curvature) fit, not four identical ones
+
+
+def test_fast_solver_exact_eigh_option_matches_the_full_eigendecomposition():
+    model, x, y = problem("conv")
+    v = grad_z(model, x[:3], y[:3])
+    exact_eigh = make_solver("fast", damping=0.05, rank=12, n_samples=60, eigh_iters=0).fit(model, x, y, weight_decay=WD)
+    evals = torch.linalg.eigvalsh(explicit_ggn(model, x, y)).flip(0)[:12]
+    assert torch.allclose(exact_eigh.eigenvalues, evals, rtol=1e-8)
+    randomized = make_solver("fast", damping=0.05, rank=12, n_samples=60, eigh_iters=1).fit(model, x, y, weight_decay=WD)
+    assert rel(randomized.inverse_hvp(v), exact_eigh.inverse_hvp(v)) > 1e-6  # one iteration is visibly inexact
+    assert {"n_fits", "eigh_iters"} <= set(exact_eigh.describe())  # part of every cache key
+
+
 def test_solver_errors_are_clear():
     model, x, y = problem("logistic")
     with pytest.raises(ValueError, match="unknown solver 'newton'"):

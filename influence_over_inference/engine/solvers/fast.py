@@ -8,6 +8,7 @@ it was chosen and where it is inexact.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -24,13 +25,17 @@ from ..gradients import class_gradients
 from ..hooks import _hooks_supported, class_gradient_parts
 from .base import InverseHVP, _check_common
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class FastSettings:
     damping: float = 0.01  # lambda: extra damping added to GGN + weight_decay I
-    rank: int = 500  # number of top GGN eigenpairs kept (at most n_samples * n_classes)
-    n_samples: int = 500  # training examples whose per-class gradients form the GGN factor (the benchmark and validation settings; accuracy is set by this, not by rank)
-    seed: int = 0  # seeds the subsample
+    rank: int = 500  # number of top GGN eigenpairs kept per fit (at most n_samples * n_classes)
+    n_samples: int = 500  # training examples per fit whose per-class gradients form the GGN factor
+    n_fits: int = 1  # independent fits on disjoint seeded subsamples; their inverses are averaged (seed stability)
+    eigh_iters: int = 4  # subspace iterations of the randomized eigensolver; 0 = exact eigh of the Gram
+    seed: int = 0  # seeds the subsamples (and the randomized eigensolver)
     chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
     curvature: str = "ggn"  # the fast solver is built on the GGN's per-example factorisation
 
@@ -38,9 +43,10 @@ class FastSettings:
         _check_common(self)
         if self.curvature != "ggn":
             raise ValueError("the fast solver uses the Gauss-Newton curvature; set curvature='ggn'")
-        if self.rank < 1 or self.n_samples < 1 or self.chunk_size < 1:
-            raise ValueError("rank, n_samples and chunk_size must be >= 1")
-
+        if self.rank < 1 or self.n_samples < 1 or self.chunk_size < 1 or self.n_fits < 1:
+            raise ValueError("rank, n_samples, n_fits and chunk_size must be >= 1")
+        if self.eigh_iters < 0:
+            raise ValueError(f"eigh_iters must be >= 0 (0 = exact eigh), got {self.eigh_iters}")
 
 
 class FastSolver(InverseHVP):
@@ -75,39 +81,66 @@ class FastSolver(InverseHVP):
     name = "fast"
     settings_class = FastSettings
 
-    def _fit(self) -> None:
-        """Factor pieces of the subsample, their Gram matrix, its top eigenpairs, the basis.
+    def subsamples(self) -> list[torch.Tensor]:
+        """The training indices of each fit (sorted): disjoint slices of one permutation seeded by ``seed``.
 
+        ``n_samples`` at least the training set: one fit on all of it (exact for the GGN; identical
+        fits would add nothing). Otherwise ``n_fits`` slices of ``min(n_samples, n_train // n_fits)``
+        images each (fewer per fit, with a warning, where the training set is too small).
+        """
+        s = self.settings
+        if s.n_samples >= self.n_train:
+            return [torch.arange(self.n_train)]
+        m = min(s.n_samples, self.n_train // s.n_fits)
+        if m < 1:
+            raise ValueError(f"n_fits={s.n_fits} disjoint subsamples need at least {s.n_fits} training examples, got {self.n_train}")
+        if m < s.n_samples:
+            log.warning("fast solver: %d training examples hold %d disjoint subsamples of %d, not %d",
+                        self.n_train, s.n_fits, m, s.n_samples)
+        perm = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(s.seed))
+        return [perm[f * m : (f + 1) * m].sort().values for f in range(s.n_fits)]
+
+    def _fit(self) -> None:
+        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), concatenated; the inverses are averaged."""
+        fits = [self._fit_one(idx, torch.Generator().manual_seed(self.settings.seed + f))
+                for f, idx in enumerate(self.subsamples())]
+        self.n_fits = len(fits)
+        self.eigenvalues = torch.cat([e for e, _ in fits])  # (F r,)
+        self.eigenvectors = torch.cat([u for _, u in fits], dim=1)  # (P, F r), orthonormal columns within each fit
+
+    def _fit_one(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factor pieces of the subsample ``idx``, their Gram matrix, its top eigenpairs, the basis.
+
+        The Gram matrix and its eigendecomposition are in float64 (the pieces are promoted), so the
+        fit does not move with the BLAS thread count or the number of processes.
         Under ``torch.distributed`` (:mod:`..distributed`) each rank computes the pieces of its
         share of the subsample (in whole chunks), the pieces are all-gathered, each rank forms
         its rows of the Gram matrix and its part of the basis sum, and both are all-reduced;
         rank 0 takes the eigenpairs and broadcasts them. One process: the same steps, all rows.
         """
         s = self.settings
-        gen = torch.Generator().manual_seed(s.seed)
-        m = min(s.n_samples, self.n_train)
-        idx = torch.randperm(self.n_train, generator=gen)[:m].sort().values
+        m = len(idx)
         mine = shard_indices(m, block=s.chunk_size)  # positions in idx this rank computes
         local = self._factor_parts(idx[mine] if len(mine) else idx[:1])
         if not len(mine):  # a rank without examples: shapes from one example, no rows
             local = {name: (kind, *(t[:0] for t in ts)) for name, (kind, *ts) in local.items()}
-        parts = {name: (kind, *(all_gather_rows(t, m, s.chunk_size) for t in ts)) for name, (kind, *ts) in local.items()}
+        parts = {name: (kind, *(all_gather_rows(t, m, s.chunk_size).double() for t in ts)) for name, (kind, *ts) in local.items()}
         n_classes = next(iter(parts.values()))[1].shape[1]
         rows_mine = (mine[:, None] * n_classes + torch.arange(n_classes)).reshape(-1)  # rows of the factor this rank owns
-        gram = torch.zeros(m * n_classes, m * n_classes, dtype=self.dtype, device=self.device)
+        gram = torch.zeros(m * n_classes, m * n_classes, dtype=torch.float64, device=self.device)
         for b0 in range(0, len(mine), s.chunk_size):  # in whole chunks: the same products in any number of processes
             block = mine[b0 : b0 + s.chunk_size]
             gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device)] = _gram_rows(parts, block.to(self.device))
         gram = all_reduce_sum(gram) / m  # Gram of factor = rows / sqrt(m)
         evals = evecs = None
         if is_main():
-            evals, evecs = top_eigh(gram, s.rank, torch.Generator().manual_seed(s.seed))
+            evals, evecs = top_eigh(gram, s.rank, generator, iters=s.eigh_iters)
             nonzero = evals > evals[0] * 1e-10 if len(evals) else evals > 0
             evals, evecs = evals[nonzero], evecs[:, nonzero]
         evals, evecs = broadcast_from_main(evals, evecs)
         coef = evecs / (evals.sqrt() * math.sqrt(m))  # (m*C, r): U = rows^T coef
-        self.eigenvalues = evals  # (r,)
-        self.eigenvectors = all_reduce_sum(_basis(parts, coef, mine.to(self.device)))  # (P, r), orthonormal columns
+        basis = all_reduce_sum(_basis(parts, coef, mine.to(self.device)))  # (P, r), orthonormal columns
+        return evals.to(self.dtype), basis.to(self.dtype)
 
     def _factor_parts(self, idx: torch.Tensor) -> dict:
         """Per-class gradient pieces of the examples ``idx``: ``{name: ("outer", g (B, C, out), a (B, in)) | ("rows", (B, C, k))}``.
@@ -129,32 +162,36 @@ class FastSolver(InverseHVP):
         return {name: (kind, *(torch.cat([c[name][1 + i] for c in chunks]) for i in range(len(ts))))
                 for name, (kind, *ts) in chunks[0].items()}
 
-    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
-        v = self._check_vectors(vectors)
+    def _weights(self) -> torch.Tensor:
+        """Per basis column: ``(1/(e + d) - 1/d) / n_fits``, the average inverse's correction to ``I/d``."""
         d = self.total_damping
         if d <= 0:
             raise ValueError("the fast solver needs weight_decay + damping > 0 (the rest of the spectrum is treated as 0)")
-        u, e = self.eigenvectors, self.eigenvalues
-        coef = v @ u  # (K, r)
-        return (v - coef @ u.T) / d + (coef / (e + d)) @ u.T
+        return (1 / (self.eigenvalues + d) - 1 / d) / self.n_fits
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        v = self._check_vectors(vectors)
+        w = self._weights()
+        coef = v @ self.eigenvectors  # (K, F r)
+        return v / self.total_damping + (coef * w) @ self.eigenvectors.T
 
     def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
         return self.quadratic_form_from_products(v @ self.eigenvectors, (v * v).sum(1))
 
     def basis(self) -> torch.Tensor:
-        return self.eigenvectors.T  # (r, P)
+        return self.eigenvectors.T  # (F r, P)
 
     def quadratic_form_from_products(self, dots: torch.Tensor, sqnorms: torch.Tensor) -> torch.Tensor:
-        d = self.total_damping
-        return sqnorms / d + (dots * dots * (1 / (self.eigenvalues + d) - 1 / d)).sum(1)
+        return sqnorms / self.total_damping + (dots * dots * self._weights()).sum(1)
 
     def state_dict(self) -> dict:
-        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
+        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors, "n_fits": torch.tensor(self.n_fits)}
 
     def load_state_dict(self, state: dict) -> None:
         self.eigenvalues = state["eigenvalues"].to(self.device, self.dtype)
         self.eigenvectors = state["eigenvectors"].to(self.device, self.dtype)
+        self.n_fits = int(state.get("n_fits", 1))
 
 
 
@@ -200,14 +237,14 @@ def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
 def top_eigh(matrix: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 20, iters: int = 4):
     """Top ``rank`` eigenpairs (descending, eigenvalues clamped at 0) of a symmetric PSD matrix (N, N).
 
-    A full ``eigh`` when ``rank`` is more than a third of N; else randomized subspace iteration
+    A full ``eigh`` when ``rank`` is more than a third of N or ``iters`` is 0; else randomized subspace iteration
     (Halko, Martinsson & Tropp 2011, Alg. 4.4 with a Rayleigh-Ritz step): ``iters`` products
     with an (N, rank + oversample) block, seeded. Eigh of a 5,000 x 5,000 Gram takes ~80 s on
     one busy core here; this ~7 s.
     """
     n = len(matrix)
     k = min(n, rank + oversample)
-    if 3 * rank >= n:
+    if 3 * rank >= n or iters == 0:
         evals, evecs = torch.linalg.eigh(matrix)
         keep = min(rank, n)
         return evals.flip(0)[:keep].clamp_min(0), evecs.flip(1)[:, :keep]
