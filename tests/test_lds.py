@@ -145,3 +145,37 @@ def test_test_images_are_class_balanced_and_subsets_are_halves():
     assert np.bincount(labels[idx].numpy(), minlength=10).tolist() == [5] * 10
     assert subset_mask(1000, 0.5, 3).sum() == 500
     assert not np.array_equal(subset_mask(1000, 0.5, 3), subset_mask(1000, 0.5, 4))
+
+
+def test_adding_a_method_reuses_the_stored_subset_outputs_and_keeps_the_other_methods(tmp_path):
+    """The subset models are gone: ``--methods X`` scores X against results/lds.npz, retrains nothing, keeps the rest."""
+    import json
+    from dataclasses import asdict
+
+    from influence_over_inference.engine.io import save_npz_atomic, write_json_atomic
+    from influence_over_inference.experiments.lds_run import run_lds
+    from influence_over_inference.study.checkpoints import save_checkpoint
+    from influence_over_inference.study.model import Net
+
+    data, config = _Data(), LDSConfig(n_subsets=3, n_test=10, n_test_subset=2, n_boot=20)
+    checkpoint = save_checkpoint(Net(), tmp_path / "net.pt", {"recipe": {"weight_decay": 5e-4}})
+    test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
+    rng = np.random.default_rng(0)
+    margins, losses = rng.normal(size=(3, 10)).astype(np.float32), rng.random((3, 10)).astype(np.float32)
+    old = {"n_subsets": 3, "config": asdict(config), "data_source": data.source, "minutes": 7.0,
+           "methods": {"fast": {"lds_margin": 0.5, "computed": True}}}
+    write_json_atomic(old, tmp_path / "lds.json")
+    save_npz_atomic(tmp_path / "lds.npz", test_indices=test_idx, subset_positions=np.array([1, 4]),
+                    subsets=np.arange(3), margins=margins, losses=losses, fast_margin=np.ones(10, np.float32))
+    r = run_lds(data, checkpoint, config, ("random",), cache_dir=tmp_path / "lds", out=tmp_path / "lds.json",
+                arrays=tmp_path / "lds.npz")
+    assert r["methods"]["fast"] == old["methods"]["fast"] and r["minutes"] == 7.0  # untouched
+    assert r["methods"]["random"]["computed"] and r["methods"]["random"]["n_test"] == 10
+    assert json.loads((tmp_path / "lds.json").read_text()) == r
+    blob = np.load(tmp_path / "lds.npz")
+    assert np.array_equal(blob["margins"], margins) and np.array_equal(blob["fast_margin"], np.ones(10))
+    assert blob["random_margin"].shape == (10,)
+    assert not list((tmp_path / "lds").glob("subset-*.pt"))  # no model was trained
+    with pytest.raises(RuntimeError, match="train them first"):  # another config: the stored outputs don't apply
+        run_lds(data, checkpoint, LDSConfig(n_subsets=3, n_test=10, n_test_subset=2, alpha=0.4), ("random",),
+                cache_dir=tmp_path / "lds", out=tmp_path / "lds.json", arrays=tmp_path / "lds.npz")

@@ -274,8 +274,11 @@ def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
     flip = run_flipped(data, FlippedConfig(n_per_class=4, epochs=1, solver_settings={"damping": 0.01, **fast}),
                        cache_dir=tmp_path, progress=False)
     assert flip["n_flipped"] == 4 and set(flip["metrics"]) == {"self_influence", "training_loss", "random",
-                                                                   "self_influence_last_layer"}
+                                                                   "self_influence_last_layer", "gradient_norm",
+                                                                   "self_influence_relatif", "curvature_ratio"}
+    assert flip["settings"]["solver_described"]["rank"] == 20  # the resolved settings are recorded
     summary = summarize({"loo_network": net, "sign": sign, "flipped": flip}, tmp_path / "v.json", tmp_path / "v.npz")
+    assert set(summary["flipped_variants"]) == {"gradient_norm", "self_influence_relatif", "curvature_ratio"}
     for key in ("loo_network_pearson", "loo_network_spearman", "flipped_found_at_10", "flipped_found_at_20",
                 "flipped_auc", "loss_found_at_20", "sign_harmful_removed_delta", "sign_helpful_removed_delta",
                 "minutes", "data_source", "n_train"):
@@ -297,3 +300,27 @@ def test_parallel_workers_share_runs_through_their_cache_files(tmp_path):
     assert list(from_a[6]) == [123.0, 456.0] and np.array_equal(from_a[5], from_b[5])
     assert set(json.loads(a.path.read_text())["entries"]) == {"control", "4", "5", "6"}
     assert ResultCache(tmp_path / "c.json", {"s": 2}).entries == {}
+
+
+def test_self_influence_variants_match_the_engine_and_a_plain_loop():
+    """One gradient pass gives the engine's self-influence and its variants (experiments/flipped.py), any solver."""
+    from engine_models import blobs, conv
+
+    from influence_over_inference.engine.gradients import grad_z
+    from influence_over_inference.engine.scores import self_influence
+    from influence_over_inference.engine.solvers import make_solver
+    from influence_over_inference.experiments.flipped import self_influence_variants
+
+    torch.manual_seed(0)
+    model = conv()
+    x, y = blobs(30, (3, 8, 8), 4, seed=0)
+    for name, settings in (("exact", {"damping": 0.01}), ("fast", {"rank": 20, "n_samples": 30, "chunk_size": 10})):
+        solver = make_solver(name, **settings).fit(model, x, y, weight_decay=1e-3)
+        v = self_influence_variants(model, (x, y), solver, 30, chunk_size=7, progress=False)
+        np.testing.assert_allclose(v["self_influence"], self_influence(model, (x, y), solver).numpy(), rtol=1e-9)
+        for j in (0, 17, 29):
+            g = grad_z(model, x[j : j + 1], y[j : j + 1])[0]
+            h = solver.inverse_hvp(g[None])[0]
+            np.testing.assert_allclose(v["gradient_norm"][j], float(g @ g) / 30, rtol=1e-10)
+            np.testing.assert_allclose(v["self_influence_relatif"][j], float(g @ h) / float(h.norm()), rtol=1e-10)
+            np.testing.assert_allclose(v["curvature_ratio"][j], float(g @ h) / float(g @ g), rtol=1e-10)

@@ -117,18 +117,22 @@ def cmd_validate(args) -> int:
 
 
 def _cmd_lds(args, data) -> int:
-    from ..experiments.lds import LDSConfig, retrain_subsets
+    from ..experiments.lds import LDSConfig, balanced_test_indices, retrain_subsets
     from ..experiments.lds_run import ARRAYS_PATH as LDS_ARRAYS
-    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, run_lds
+    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, previous_run, run_lds
 
     config = LDSConfig(**_overrides(args.set))
     worker, workers = (int(v) for v in args.worker.split("/"))
-    retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
+    out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
+    arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
+    test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
+    if previous_run(out, arrays, config, data.source, test_idx) is None or args.retrain_only:
+        retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
+    else:  # the earlier run's stored subset outputs stand in for the models: nothing to retrain
+        print(f"subset outputs: {arrays} (from the earlier run in {out}; no retraining)")  # noqa: T201 (CLI output)
     if args.retrain_only:
         print(f"worker {worker}/{workers}: subset models done")  # noqa: T201 (CLI output)
         return 0
-    out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
-    arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
     r = run_lds(data, args.checkpoint, config, tuple(args.methods or FAST_METHODS + SLOW_METHODS), out=out,
                 arrays=arrays, cached_only=args.cached_only)
     print(f"LDS over {r['n_subsets']} subset models, {r['n_test']} test images ({r['minutes']:.1f} min):")  # noqa: T201

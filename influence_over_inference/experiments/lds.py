@@ -184,3 +184,24 @@ def load_outputs(data, config: LDSConfig, test_indices: np.ndarray, cache_dir: s
     margins, losses = margins_and_losses(torch.stack(logits), labels.expand(len(done), -1))
     return {"subsets": np.array(done), "margins": margins, "losses": losses, "seconds": np.array(seconds),
             "test_accuracy": np.array(acc)}
+
+
+def stored_outputs(arrays_path: str | os.PathLike, test_indices: np.ndarray, n_subsets: int) -> dict | None:
+    """The subset models' margins and losses as an earlier run kept them (``results/lds.npz``), or None.
+
+    Adding a method to the LDS needs only these outputs, not the models: they are used when the
+    file holds all ``n_subsets`` subsets for exactly these test images (the caller checks that the
+    file's run had the same config). Per-model accuracy and time are not in the file (nan).
+    """
+    path = Path(arrays_path)
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as blob:
+        if not {"test_indices", "subsets", "margins", "losses"} <= set(blob.files):
+            return None
+        if not np.array_equal(blob["test_indices"], test_indices) or not np.array_equal(
+                blob["subsets"], np.arange(n_subsets)):
+            return None
+        nan = np.full(n_subsets, np.nan)
+        return {"subsets": blob["subsets"], "margins": blob["margins"].astype(np.float64),
+                "losses": blob["losses"].astype(np.float64), "seconds": nan, "test_accuracy": nan}

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,19 @@ def kronfluence_scores(model, wd, train, x, y, out_dir, damping: float = 0.01, b
 
 
 def trak_scores(model, train, x, y, out_dir, proj_dim: int = 2048, batch: int = 500) -> tuple[np.ndarray, dict]:
-    """TRAK (traker 0.3.2) with one model, its final checkpoint, BasicProjector on the CPU (float32)."""
+    """TRAK (traker 0.3.2) with one model, its final checkpoint, BasicProjector on the CPU (float32).
+
+    The default recipe keeps no per-epoch checkpoints, so TRAK-1 here is the final model only.
+    Two traps of traker 0.3.2 on the CPU, both avoided here:
+    - ``load_from_save_dir=False`` never creates ``experiments.json``, which
+      ``start_scoring_checkpoint`` then opens for reading (FileNotFoundError); so ``out_dir`` is
+      emptied and the saver loads from it (it creates the file);
+    - ``finalize_features`` frees the projector's matrix and a one-block ``BasicProjector``
+      does not make it again for the same model id; so it is regenerated (same seed, the same
+      matrix) before scoring.
+    """
+    import shutil
+
     from trak import TRAKer
     from trak.projectors import BasicProjector, ProjectionType
 
@@ -110,20 +123,25 @@ def trak_scores(model, train, x, y, out_dir, proj_dim: int = 2048, batch: int = 
     n_params = count_selected(model, None)
     projector = BasicProjector(grad_dim=n_params, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher,
                                device=torch.device("cpu"), block_size=proj_dim)
+    shutil.rmtree(out_dir, ignore_errors=True)  # traker refuses a model id already registered in its save_dir
     traker = TRAKer(model=model, task="image_classification", train_set_size=len(train), save_dir=str(out_dir),
-                    load_from_save_dir=False, device="cpu", projector=projector, use_half_precision=False)
+                    load_from_save_dir=True, device="cpu", projector=projector, use_half_precision=False,
+                    logging_level=logging.WARNING)
     traker.load_checkpoint(model.state_dict(), model_id=0)
     tx, ty = train.tensors()
-    for start in range(0, len(ty), batch):
+    for start in tqdm(range(0, len(ty), batch), desc="TRAK featurize"):
         traker.featurize(batch=(tx[start : start + batch], ty[start : start + batch]),
                          num_samples=len(ty[start : start + batch]))
     traker.finalize_features()
+    projector.generate_sketch_matrix(projector.generator_states[0])  # freed by finalize_features
     traker.start_scoring_checkpoint("lds", model.state_dict(), model_id=0, num_targets=len(y))
     for start in range(0, len(y), batch):
         traker.score(batch=(x[start : start + batch], y[start : start + batch]), num_samples=len(y[start : start + batch]))
     scores = traker.finalize_scores("lds")  # (n_train, n_test)
     return np.asarray(scores, dtype=np.float32).T.copy(), {"proj_dim": proj_dim, "projector": "BasicProjector",
-                                                           "n_checkpoints": 1, "version": "0.3.2"}
+                                                           "proj_type": "rademacher", "n_checkpoints": 1,
+                                                           "checkpoint": "final model (the recipe keeps no "
+                                                           "per-epoch checkpoints)", "version": "0.3.2"}
 
 
 def nimarb_scores(model, train, x, y, seed: int = 0, depth: int = NIMARB_TIMED_DEPTH) -> tuple[np.ndarray, dict]:

@@ -24,6 +24,7 @@ from .lds import (
     balanced_test_indices,
     load_outputs,
     nested_subset,
+    stored_outputs,
     subset_masks,
 )
 from .lds_score import lds_summary
@@ -71,6 +72,31 @@ def _fast_is_v1() -> bool:
     return make_solver("fast").describe() == make_solver("fast", **FAST_V1).describe()
 
 
+def previous_run(out: str | os.PathLike, arrays: str | os.PathLike, config: LDSConfig, data_source: str,
+                 test_indices: np.ndarray) -> tuple[dict, dict] | None:
+    """The result and per-test arrays of an earlier run with the same config, data and test images, or None.
+
+    Their subset outputs stand in for the models (which need not be kept: ``stored_outputs``) and
+    their methods are kept, so scoring one more method recomputes nothing else.
+    """
+    out, arrays = Path(out), Path(arrays)
+    if not out.exists() or not arrays.exists():
+        return None
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    if (result.get("config") != json.loads(json.dumps(asdict(config))) or result.get("data_source") != data_source
+            or result.get("n_subsets") != config.n_subsets):
+        return None
+    outputs = stored_outputs(arrays, test_indices, config.n_subsets)
+    if outputs is None:
+        return None
+    with np.load(arrays, allow_pickle=False) as blob:
+        per_test = {k: blob[k] for k in blob.files if k.endswith(("_margin", "_loss"))}
+    return result, {"outputs": outputs, "per_test": per_test}
+
+
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
             methods: tuple[str, ...] = FAST_METHODS + SLOW_METHODS, cache_dir: str | os.PathLike = LDS_DIR,
             out: str | os.PathLike = RESULT_PATH, arrays: str | os.PathLike = ARRAYS_PATH, cached_only: bool = False
@@ -79,6 +105,11 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
 
     ``cached_only``: report the methods whose scores are not cached yet as not computed (no new work),
     e.g. to assemble the results of runs made in parallel processes.
+
+    An earlier run's result at ``out`` (same config, data and test images, with all its subsets in
+    ``arrays``) is extended, not replaced: its other methods and fields are kept as they are, only
+    ``methods`` are (re)scored, and its stored subset outputs are used when the subset models are
+    no longer on disk. So ``--methods trak_1`` adds TRAK without retraining or rescoring the rest.
     """
     from ..engine.hashing import file_sha256
     from ..study.checkpoints import load_checkpoint
@@ -90,6 +121,11 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
     sub_pos = nested_subset(test_idx, config.n_test_subset, config.test_seed + 1)
     outputs = load_outputs(data, config, test_idx, cache_dir)
+    previous = previous_run(out, arrays, config, data.source, test_idx)
+    if previous is not None and len(outputs["subsets"]) < config.n_subsets:
+        log.info("subset models not all on disk (%d of %d): using the outputs stored in %s",
+                 len(outputs["subsets"]), config.n_subsets, arrays)
+        outputs = previous[1]["outputs"]
     done = outputs["subsets"]
     if len(done) < 2:
         raise RuntimeError(f"only {len(done)} subset models in {cache_dir}; train them first (validate lds --retrain-only)")
@@ -105,6 +141,9 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
               "subset_model_minutes_mean": float(outputs["seconds"].mean() / 60),
               "config": asdict(config), "methods": {}}
     per_test, per_test_scores = {}, {}
+    if previous is not None:  # extend the earlier run: its fields and other methods as they were
+        result, per_test = previous[0], dict(previous[1]["per_test"])
+        result["methods"] = dict(result.get("methods", {}))
     for name in methods:
         slow = name in SLOW_METHODS
         pos = sub_pos if slow else np.arange(len(test_idx))
@@ -146,13 +185,15 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         summary.update({"n_models": 1, "seconds": seconds, "settings": described, "computed": True})
         result["methods"][name] = summary
         per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
-        result["minutes"] = (time.perf_counter() - start) / 60
+        if previous is None:  # an extended run keeps the first run's minutes; each method has its seconds
+            result["minutes"] = (time.perf_counter() - start) / 60
         write_json_atomic(result, out)
         save_npz_atomic(arrays, test_indices=test_idx, subset_positions=sub_pos, subsets=done,
                         margins=outputs["margins"].astype(np.float32), losses=outputs["losses"].astype(np.float32),
                         **per_test)
         log.info("%s: LDS margin %.4f %s, loss %.4f", name, summary["lds_margin"], summary["lds_margin_ci"],
                  summary["lds_loss"])
-    result["minutes"] = (time.perf_counter() - start) / 60
+    if previous is None:
+        result["minutes"] = (time.perf_counter() - start) / 60
     write_json_atomic(result, out)
     return result

@@ -80,6 +80,10 @@ def summarize(results: dict, summary_path: str | os.PathLike = SUMMARY_PATH,
             summary[f"{prefix}last_layer_found_at_10"] = m["self_influence_last_layer"]["found_at_10"]
             summary[f"{prefix}last_layer_found_at_20"] = m["self_influence_last_layer"]["found_at_20"]
             summary[f"{prefix}last_layer_auc"] = m["self_influence_last_layer"]["auc"]
+        variants = {name: {k: m[name][k] for k in ("found_at_10", "found_at_20", "auc")} for name in m
+                    if name not in ("self_influence", "training_loss", "random", "self_influence_last_layer")}
+        if variants:  # self-influence variants (experiments/flipped.py's docstring)
+            summary[f"{prefix}flipped_variants"] = variants
         summary[f"{prefix}flipped_details"] = {k: r[k] for k in ("n_flipped", "test_accuracy", "train_accuracy",
                                                                  "flipped_memorised", "timings")}
         summary["minutes"][key] = r["minutes"]
