@@ -25,6 +25,7 @@ from influence_over_inference.engine.solvers.registry import make_solver
 EXACT_REL = 1e-8  # exact solver vs a direct solve of the explicit matrix (the bound)
 CG_REL = 1e-6  # CG vs exact
 LISSA_COSINE = 0.99  # LiSSA vs exact, per vector
+LISSA_REL = 0.05  # LiSSA vs exact, relative error of the whole answer (cosine alone hides a factor)
 WD = 1e-3
 
 
@@ -122,8 +123,10 @@ def test_lissa_converges_with_sensible_settings(small):
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
     top = float(torch.linalg.eigvalsh(exact.matrix)[-1])
     lissa = make_solver("lissa", damping=0.1, scale=2 * top, depth=300, batch_size=30, repeat=2).fit(model, x, y, weight_decay=WD)
-    cos = nn.functional.cosine_similarity(lissa.inverse_hvp(v), exact.inverse_hvp(v))
+    got, want = lissa.inverse_hvp(v), exact.inverse_hvp(v)
+    cos = nn.functional.cosine_similarity(got, want)
     assert cos.min() >= LISSA_COSINE, cos
+    assert rel(got, want) < LISSA_REL
 
 
 def test_lissa_at_too_small_scale_raises_divergence_error_not_nan():

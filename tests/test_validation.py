@@ -42,6 +42,7 @@ from influence_over_inference.experiments.store import ResultCache
 EXACT = 1e-12  # float64 identities
 AUTOGRAD = 1e-10  # closed form vs autograd in float64
 LOO_PEARSON = 0.95  # the goal for the convex case
+LOO_SLOPE_LOW, LOO_SLOPE_HIGH = 0.8, 1.25  # actual = slope * predicted: Pearson alone passes a wrong scale
 
 
 def logistic_problem(n=120, d=4, c=3, n_test=3, seed=0):
@@ -144,6 +145,9 @@ def test_convex_leave_one_out_matches_influence():
                      ConvexLOOConfig(test_indices=(0, 1, 2), top_k=20), progress=False)
     for entry in out["test"]:
         assert entry["pearson"] >= LOO_PEARSON
+        predicted, actual = np.asarray(entry["predicted"]), np.asarray(entry["actual"])
+        slope = float((predicted * actual).sum() / (predicted * predicted).sum())
+        assert LOO_SLOPE_LOW <= slope <= LOO_SLOPE_HIGH, slope
         assert len(entry["removed"]) == 20
         assert np.sign(entry["predicted"][0]) == np.sign(entry["actual"][0])  # the sign of the largest
 

@@ -19,6 +19,8 @@ EQUIVALENT = {
     "influence_over_inference.engine.hashing.x_file_sha256__mutmut_14": "read(None) instead of 1 MiB blocks: same bytes hashed",
     "influence_over_inference.engine.hashing.x_file_sha256__mutmut_16": "2 MiB read blocks instead of 1 MiB: same bytes hashed",
     "influence_over_inference.engine.hashing.x_file_sha256__mutmut_17": "1 << 21 read blocks instead of 1 << 20: same bytes hashed",
+    "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_59": "config default None instead of {}: build_model(None) is build_model({}), the default Net",
+    "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_61": "blob.get('config') without default (None): build_model(None) is build_model({}), the default Net",
 }
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 
