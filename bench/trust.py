@@ -323,7 +323,7 @@ def merge_into(path: Path, new: dict, threshold: float) -> dict:
     """``new`` over the existing file; keys an earlier run timed under load move to ``superseded_under_load``."""
     old = json.loads(path.read_text()) if path.exists() else {}
     loads = [v[0] for v in old.get("load_avg_by_stage", {}).values()]
-    if loads and max(loads) >= threshold:
+    if loads and max(loads) >= threshold and "trust_run" not in old:  # after a trust run its keys are its own
         moved = {k: old.pop(k) for k in UNDER_LOAD_KEYS if k in old}
         if moved:
             old["superseded_under_load"] = {

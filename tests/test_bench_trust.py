@@ -60,6 +60,9 @@ def test_timings_taken_under_load_are_superseded_and_the_rest_kept(tmp_path):
     merged = trust.merge_into(path, {"epoch_s": 8.0, "t100_default_s": 40.0}, threshold=0.5)
     assert merged["epoch_s"] == 8.0 and merged["spearman_fast_vs_cg"] == 0.65 and "t100_fast_s" not in merged
     assert merged["superseded_under_load"]["keys"] == {"epoch_s": 33.6, "t100_fast_s": 81.8}
+    path.write_text(json.dumps({**merged, "trust_run": {}}))
+    again = trust.merge_into(path, {"epoch_s": 7.5}, threshold=0.5)  # a second trust run replaces the first's keys
+    assert again["epoch_s"] == 7.5 and again["superseded_under_load"] == merged["superseded_under_load"]
 
 
 def test_the_plan_alternates_epoch_and_scoring_at_each_thread_count():
