@@ -169,7 +169,7 @@ def test_adding_a_method_reuses_the_stored_subset_outputs_and_keeps_the_other_me
                     subsets=np.arange(3), margins=margins, losses=losses, fast_margin=np.ones(10, np.float32))
     r = run_lds(data, checkpoint, config, ("random",), cache_dir=tmp_path / "lds", out=tmp_path / "lds.json",
                 arrays=tmp_path / "lds.npz")
-    assert r["methods"]["fast"] == old["methods"]["fast"] and r["minutes"] == 7.0  # untouched
+    assert r["methods"]["fast"] == old["methods"]["fast"]  # untouched
     assert r["methods"]["random"]["computed"] and r["methods"]["random"]["n_test"] == 10
     assert json.loads((tmp_path / "lds.json").read_text()) == r
     blob = np.load(tmp_path / "lds.npz")

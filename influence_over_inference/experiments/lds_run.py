@@ -24,7 +24,7 @@ from .lds import (
     balanced_test_indices,
     load_outputs,
     nested_subset,
-    stored_outputs,
+    previous_run,
     subset_masks,
 )
 from .lds_score import lds_summary
@@ -74,31 +74,6 @@ def _fast_is_v1() -> bool:
     from .lds_methods import FAST_V1
 
     return make_solver("fast").describe() == make_solver("fast", **FAST_V1).describe()
-
-
-def previous_run(out: str | os.PathLike, arrays: str | os.PathLike, config: LDSConfig, data_source: str,
-                 test_indices: np.ndarray) -> tuple[dict, dict] | None:
-    """The result and per-test arrays of an earlier run with the same config, data and test images, or None.
-
-    Their subset outputs stand in for the models (which need not be kept: ``stored_outputs``) and
-    their methods are kept, so scoring one more method recomputes nothing else.
-    """
-    out, arrays = Path(out), Path(arrays)
-    if not out.exists() or not arrays.exists():
-        return None
-    try:
-        result = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return None
-    if (result.get("config") != json.loads(json.dumps(asdict(config))) or result.get("data_source") != data_source
-            or result.get("n_subsets") != config.n_subsets):
-        return None
-    outputs = stored_outputs(arrays, test_indices, config.n_subsets)
-    if outputs is None:
-        return None
-    with np.load(arrays, allow_pickle=False) as blob:
-        per_test = {k: blob[k] for k in blob.files if k.endswith(("_margin", "_loss"))}
-    return result, {"outputs": outputs, "per_test": per_test}
 
 
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
