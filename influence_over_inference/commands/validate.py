@@ -117,9 +117,9 @@ def cmd_validate(args) -> int:
 
 
 def _cmd_lds(args, data) -> int:
-    from ..experiments.lds import LDSConfig, balanced_test_indices, retrain_subsets
+    from ..experiments.lds import LDSConfig, balanced_test_indices, previous_run, retrain_subsets
     from ..experiments.lds_run import ARRAYS_PATH as LDS_ARRAYS
-    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, previous_run, run_lds
+    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, run_lds
 
     config = LDSConfig(**_overrides(args.set))
     worker, workers = (int(v) for v in args.worker.split("/"))

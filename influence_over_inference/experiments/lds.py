@@ -14,6 +14,7 @@ others, TRAK's output) and losses (dattri's) come from them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -205,3 +206,28 @@ def stored_outputs(arrays_path: str | os.PathLike, test_indices: np.ndarray, n_s
         nan = np.full(n_subsets, np.nan)
         return {"subsets": blob["subsets"], "margins": blob["margins"].astype(np.float64),
                 "losses": blob["losses"].astype(np.float64), "seconds": nan, "test_accuracy": nan}
+
+
+def previous_run(out: str | os.PathLike, arrays: str | os.PathLike, config: LDSConfig, data_source: str,
+                 test_indices: np.ndarray) -> tuple[dict, dict] | None:
+    """The result and per-test arrays of an earlier run with the same config, data and test images, or None.
+
+    Their subset outputs stand in for the models (which need not be kept: ``stored_outputs``) and
+    their methods are kept, so scoring one more method recomputes nothing else.
+    """
+    out, arrays = Path(out), Path(arrays)
+    if not out.exists() or not arrays.exists():
+        return None
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return None
+    if (result.get("config") != json.loads(json.dumps(asdict(config))) or result.get("data_source") != data_source
+            or result.get("n_subsets") != config.n_subsets):
+        return None
+    outputs = stored_outputs(arrays, test_indices, config.n_subsets)
+    if outputs is None:
+        return None
+    with np.load(arrays, allow_pickle=False) as blob:
+        per_test = {k: blob[k] for k in blob.files if k.endswith(("_margin", "_loss"))}
+    return result, {"outputs": outputs, "per_test": per_test}

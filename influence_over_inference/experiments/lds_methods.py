@@ -180,3 +180,52 @@ def lissa_scores(model, wd, train, x, y, seed: int = 0) -> tuple[np.ndarray, dic
     scores, described = solver_scores("lissa", {**LISSA_SETTINGS, "scale": float(f"{1.5 * max(tops):.2g}")},
                                       model, wd, train, x, y)
     return scores, {**described, "minibatch_top_eigenvalues": tops}
+
+
+
+def ensemble_members(data, checkpoint, k: int, cache_dir) -> list:
+    """Paths of ``k`` independently trained models: the checkpoint (seed 0), then the default recipe with seeds 1..k-1.
+
+    Each extra model is trained on all training images with :class:`~..study.training.TrainConfig`
+    (only the seed changed) and cached under ``cache_dir`` by its recipe and the data source.
+    """
+    from pathlib import Path
+
+    from ..study.training import TrainConfig, _recipe, train_or_load
+    from .store import settings_key
+
+    paths = [Path(checkpoint)]
+    for seed in range(1, k):
+        config = TrainConfig(seed=seed)
+        paths.append(Path(cache_dir) / f"model-{settings_key({'recipe': _recipe(config), 'data': data.source})}.pt")
+        train_or_load(data, paths[-1], config)
+    return paths
+
+
+def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray, dict]:
+    """The default fast solver on each model, scores averaged (as TRAK averages over models); each member cached."""
+    from pathlib import Path
+
+    from ..engine.hashing import file_sha256
+    from ..engine.io import save_npz_atomic
+    from ..engine.solvers import make_solver
+    from ..study.checkpoints import load_checkpoint
+    from .store import settings_key
+
+    total, accuracies = None, []
+    for path in paths:
+        model, meta = load_checkpoint(path)
+        accuracies.append(meta.get("test_accuracy"))
+        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast").describe(),
+                            "test": settings_key([x.sum().item(), y.tolist()])})
+        member = Path(cache_dir) / f"fast-member-{key}.npz"
+        if member.exists():
+            scores = np.load(member)["scores"]
+        else:
+            scores, _ = solver_scores("fast", {}, model.eval(), wd, train, x, y)
+            save_npz_atomic(member, scores=scores.astype(np.float32))
+        total = scores.astype(np.float64) if total is None else total + scores
+    return (total / len(paths)).astype(np.float32), {
+        "solver": make_solver("fast").describe(), "n_models": len(paths), "combine": "mean of the members' scores",
+        "members": "the checkpoint (seed 0) and the default recipe with seeds 1..k-1",
+        "member_test_accuracy": accuracies}

@@ -24,7 +24,7 @@ from .lds import (
     balanced_test_indices,
     load_outputs,
     nested_subset,
-    stored_outputs,
+    previous_run,
     subset_masks,
 )
 from .lds_score import lds_summary
@@ -41,8 +41,12 @@ FAST_METHODS = ("fast", "fast_v1", "grad_dot", "random", "kronfluence_ekfac", "t
 SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
 
 
-def _method_scores(name, model, wd, train, x, y, work: Path):
+def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoint=None):
     from . import lds_methods as m
+
+    if name.startswith("fast_ens"):  # fast_ens<k>: the default solver averaged over k independently trained models
+        paths = m.ensemble_members(data, checkpoint, int(name.removeprefix("fast_ens")), work.parent / "ensemble")
+        return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble")
 
     if name == "fast":
         return m.solver_scores("fast", {}, model, wd, train, x, y)
@@ -62,7 +66,7 @@ def _method_scores(name, model, wd, train, x, y, work: Path):
         return m.lissa_scores(model, wd, train, x, y)
     if name == "nimarb":
         return m.nimarb_scores(model, train, x, y)
-    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}")
+    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS} or fast_ens<k>")
 
 
 def _fast_is_v1() -> bool:
@@ -70,31 +74,6 @@ def _fast_is_v1() -> bool:
     from .lds_methods import FAST_V1
 
     return make_solver("fast").describe() == make_solver("fast", **FAST_V1).describe()
-
-
-def previous_run(out: str | os.PathLike, arrays: str | os.PathLike, config: LDSConfig, data_source: str,
-                 test_indices: np.ndarray) -> tuple[dict, dict] | None:
-    """The result and per-test arrays of an earlier run with the same config, data and test images, or None.
-
-    Their subset outputs stand in for the models (which need not be kept: ``stored_outputs``) and
-    their methods are kept, so scoring one more method recomputes nothing else.
-    """
-    out, arrays = Path(out), Path(arrays)
-    if not out.exists() or not arrays.exists():
-        return None
-    try:
-        result = json.loads(out.read_text())
-    except (OSError, ValueError):
-        return None
-    if (result.get("config") != json.loads(json.dumps(asdict(config))) or result.get("data_source") != data_source
-            or result.get("n_subsets") != config.n_subsets):
-        return None
-    outputs = stored_outputs(arrays, test_indices, config.n_subsets)
-    if outputs is None:
-        return None
-    with np.load(arrays, allow_pickle=False) as blob:
-        per_test = {k: blob[k] for k in blob.files if k.endswith(("_margin", "_loss"))}
-    return result, {"outputs": outputs, "per_test": per_test}
 
 
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
@@ -162,7 +141,7 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         else:
             t0 = time.perf_counter()
             try:
-                scores, described = _method_scores(name, model, wd, data.train, x[pos], y[pos], work)
+                scores, described = _method_scores(name, model, wd, data.train, x[pos], y[pos], work, data, checkpoint)
             except Exception as error:  # a peer that fails is reported, not fatal
                 log.exception("method %s failed", name)
                 result["methods"][name] = {"computed": False, "reason": f"{type(error).__name__}: {error}"}
@@ -182,7 +161,7 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         else:
             summary.update({k.replace("_ci", "_subset_ci") if k.endswith("_ci") else f"{k}_subset": v
                             for k, v in summary.items() if k.startswith("lds")})
-        summary.update({"n_models": 1, "seconds": seconds, "settings": described, "computed": True})
+        summary.update({"n_models": int(described.get("n_models", 1)), "seconds": seconds, "settings": described, "computed": True})
         result["methods"][name] = summary
         per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
         if previous is None:  # an extended run keeps the first run's minutes; each method has its seconds
