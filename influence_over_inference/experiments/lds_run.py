@@ -26,6 +26,7 @@ from .lds import (
     nested_subset,
     subset_masks,
 )
+from .lds_methods import FAST_V1
 from .lds_score import lds_summary
 from .store import settings_key
 
@@ -39,14 +40,14 @@ FAST_METHODS = ("fast", "fast_v1", "grad_dot", "random", "kronfluence_ekfac", "t
 
 SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
 
+OUR_FAST = {"fast": {}, "fast_v1": FAST_V1}  # the fast solver's settings per method name: its defaults, and v1
+
 
 def _method_scores(name, model, wd, train, x, y, work: Path):
     from . import lds_methods as m
 
-    if name == "fast":
-        return m.solver_scores("fast", {}, model, wd, train, x, y)
-    if name == "fast_v1":
-        return m.solver_scores("fast", m.FAST_V1, model, wd, train, x, y)
+    if name in OUR_FAST:
+        return m.solver_scores("fast", OUR_FAST[name], model, wd, train, x, y)
     if name == "grad_dot":
         return m.grad_dot_scores(model, wd, train, x, y)
     if name == "random":
@@ -64,11 +65,37 @@ def _method_scores(name, model, wd, train, x, y, work: Path):
     raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}")
 
 
+def _solver_key(name: str) -> str:
+    """For our fast solver's methods: a hash of its described settings (a new default is a new cache entry)."""
+    from ..engine.solvers import make_solver
+
+    return "-" + settings_key(make_solver("fast", **OUR_FAST[name]).describe()) if name in OUR_FAST else ""
+
+
+def previous_outputs(arrays: str | os.PathLike, test_indices: np.ndarray) -> dict | None:
+    """The subset models' margins and losses from an earlier run's arrays (``results/lds.npz``), if they
+    are for the same test images: the LDS of a new method then needs no retraining."""
+    if not Path(arrays).exists():
+        return None
+    blob = np.load(arrays, allow_pickle=False)
+    if not np.array_equal(blob["test_indices"], test_indices):
+        return None
+    return {"subsets": blob["subsets"], "margins": blob["margins"].astype(np.float64),
+            "losses": blob["losses"].astype(np.float64)}
+
+
+def total_minutes(result: dict) -> float:
+    """Compute minutes of the whole experiment: the subset models' training plus every method's scoring
+    (a method that reuses another's scores, ``same_as``, counts once)."""
+    models = result.get("subset_model_minutes_mean", 0.0) * result.get("n_subsets", 0)
+    methods = sum(m.get("seconds", 0.0) or 0.0 for m in result.get("methods", {}).values()
+                  if m.get("computed") and not m.get("settings", {}).get("same_as"))
+    return float(models + methods / 60)
+
+
 def _fast_is_v1() -> bool:
     from ..engine.solvers import make_solver
-    from .lds_methods import FAST_V1
-
-    return make_solver("fast").describe() == make_solver("fast", **FAST_V1).describe()
+    return make_solver("fast").describe() == make_solver("fast", **OUR_FAST["fast_v1"]).describe()
 
 
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
@@ -90,6 +117,13 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
     sub_pos = nested_subset(test_idx, config.n_test_subset, config.test_seed + 1)
     outputs = load_outputs(data, config, test_idx, cache_dir)
+    earlier = previous_outputs(arrays, test_idx)
+    previous = json.loads(Path(out).read_text()) if Path(out).exists() else {}
+    from_arrays = earlier is not None and len(earlier["subsets"]) > len(outputs["subsets"])
+    if from_arrays:  # the subset models are not on this machine: their outputs, committed, are enough
+        log.info("LDS: the %d subset models' outputs from %s (no models in %s)", len(earlier["subsets"]), arrays, cache_dir)
+        outputs = {**earlier, "seconds": np.array([60 * previous.get("subset_model_minutes_mean", float("nan"))]),
+                   "test_accuracy": np.array([previous.get("subset_model_test_accuracy_mean", float("nan"))])}
     done = outputs["subsets"]
     if len(done) < 2:
         raise RuntimeError(f"only {len(done)} subset models in {cache_dir}; train them first (validate lds --retrain-only)")
@@ -105,10 +139,18 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
               "subset_model_minutes_mean": float(outputs["seconds"].mean() / 60),
               "config": asdict(config), "methods": {}}
     per_test, per_test_scores = {}, {}
+    same_run = all(previous.get(k) == result[k] for k in ("n_subsets", "n_test", "n_test_subset", "data_source", "config"))
+    if same_run:  # keep the methods not rerun now, and their per-test values
+        blob = np.load(arrays, allow_pickle=False) if Path(arrays).exists() else None
+        for name, entry in previous.get("methods", {}).items():
+            if name not in methods:
+                result["methods"][name] = entry
+                if blob is not None:
+                    per_test.update({k: blob[k] for k in (f"{name}_margin", f"{name}_loss") if k in blob.files})
     for name in methods:
         slow = name in SLOW_METHODS
         pos = sub_pos if slow else np.arange(len(test_idx))
-        path = work / f"{name}-{key}{'-subset' + settings_key(pos.tolist()) if slow else ''}.npz"
+        path = work / f"{name}-{key}{_solver_key(name)}{'-subset' + settings_key(pos.tolist()) if slow else ''}.npz"
         same_as_fast = name == "fast_v1" and _fast_is_v1() and "fast" in per_test_scores
         if same_as_fast:  # today's default is v1: the same scores, not computed twice
             scores, seconds, described = per_test_scores["fast"], result["methods"]["fast"]["seconds"], {"same_as": "fast"}
@@ -146,13 +188,14 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         summary.update({"n_models": 1, "seconds": seconds, "settings": described, "computed": True})
         result["methods"][name] = summary
         per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
-        result["minutes"] = (time.perf_counter() - start) / 60
+        result["minutes"] = total_minutes(result)
         write_json_atomic(result, out)
         save_npz_atomic(arrays, test_indices=test_idx, subset_positions=sub_pos, subsets=done,
                         margins=outputs["margins"].astype(np.float32), losses=outputs["losses"].astype(np.float32),
                         **per_test)
         log.info("%s: LDS margin %.4f %s, loss %.4f", name, summary["lds_margin"], summary["lds_margin_ci"],
                  summary["lds_loss"])
-    result["minutes"] = (time.perf_counter() - start) / 60
+    result["minutes"] = total_minutes(result)
+    result["minutes_this_run"] = (time.perf_counter() - start) / 60
     write_json_atomic(result, out)
     return result
