@@ -27,6 +27,7 @@ from .lds import (
     previous_run,
     subset_masks,
 )
+from .lds_methods import FAST_V1
 from .lds_score import lds_summary
 from .store import settings_key
 
@@ -40,6 +41,8 @@ FAST_METHODS = ("fast", "fast_v1", "grad_dot", "random", "kronfluence_ekfac", "t
 
 SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
 
+OUR_FAST = {"fast": {}, "fast_v1": FAST_V1}  # the fast solver's settings per method name: its defaults, and v1
+
 
 def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoint=None):
     from . import lds_methods as m
@@ -48,10 +51,8 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         paths = m.ensemble_members(data, checkpoint, int(name.removeprefix("fast_ens")), work.parent / "ensemble")
         return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble")
 
-    if name == "fast":
-        return m.solver_scores("fast", {}, model, wd, train, x, y)
-    if name == "fast_v1":
-        return m.solver_scores("fast", m.FAST_V1, model, wd, train, x, y)
+    if name in OUR_FAST:
+        return m.solver_scores("fast", OUR_FAST[name], model, wd, train, x, y)
     if name == "grad_dot":
         return m.grad_dot_scores(model, wd, train, x, y)
     if name == "random":
@@ -69,11 +70,25 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
     raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS} or fast_ens<k>")
 
 
+def _solver_key(name: str) -> str:
+    """For our fast solver's methods: a hash of its described settings (a new default is a new cache entry)."""
+    from ..engine.solvers import make_solver
+
+    return "-" + settings_key(make_solver("fast", **OUR_FAST[name]).describe()) if name in OUR_FAST else ""
+
+
+def total_minutes(result: dict) -> float:
+    """Compute minutes of the whole experiment: the subset models' training plus every method's scoring
+    (a method that reuses another's scores, ``same_as``, counts once)."""
+    models = result.get("subset_model_minutes_mean", 0.0) * result.get("n_subsets", 0)
+    methods = sum(m.get("seconds", 0.0) or 0.0 for m in result.get("methods", {}).values()
+                  if m.get("computed") and not m.get("settings", {}).get("same_as"))
+    return float(models + methods / 60)
+
+
 def _fast_is_v1() -> bool:
     from ..engine.solvers import make_solver
-    from .lds_methods import FAST_V1
-
-    return make_solver("fast").describe() == make_solver("fast", **FAST_V1).describe()
+    return make_solver("fast").describe() == make_solver("fast", **OUR_FAST["fast_v1"]).describe()
 
 
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
@@ -126,7 +141,7 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     for name in methods:
         slow = name in SLOW_METHODS
         pos = sub_pos if slow else np.arange(len(test_idx))
-        path = work / f"{name}-{key}{'-subset' + settings_key(pos.tolist()) if slow else ''}.npz"
+        path = work / f"{name}-{key}{_solver_key(name)}{'-subset' + settings_key(pos.tolist()) if slow else ''}.npz"
         same_as_fast = name == "fast_v1" and _fast_is_v1() and "fast" in per_test_scores
         if same_as_fast:  # today's default is v1: the same scores, not computed twice
             scores, seconds, described = per_test_scores["fast"], result["methods"]["fast"]["seconds"], {"same_as": "fast"}
@@ -164,15 +179,14 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         summary.update({"n_models": int(described.get("n_models", 1)), "seconds": seconds, "settings": described, "computed": True})
         result["methods"][name] = summary
         per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
-        if previous is None:  # an extended run keeps the first run's minutes; each method has its seconds
-            result["minutes"] = (time.perf_counter() - start) / 60
+        result["minutes"] = total_minutes(result)
         write_json_atomic(result, out)
         save_npz_atomic(arrays, test_indices=test_idx, subset_positions=sub_pos, subsets=done,
                         margins=outputs["margins"].astype(np.float32), losses=outputs["losses"].astype(np.float32),
                         **per_test)
         log.info("%s: LDS margin %.4f %s, loss %.4f", name, summary["lds_margin"], summary["lds_margin_ci"],
                  summary["lds_loss"])
-    if previous is None:
-        result["minutes"] = (time.perf_counter() - start) / 60
+    result["minutes"] = total_minutes(result)
+    result["minutes_this_run"] = (time.perf_counter() - start) / 60
     write_json_atomic(result, out)
     return result
