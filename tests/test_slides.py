@@ -83,6 +83,7 @@ def _write_results(root, data):
                   "data_source": data.source, "arrays": "validation_arrays.npz",
                   "n_train": {"loo_convex": N_TRAIN, "loo_network": 100, "flipped": N_TRAIN, "sign": 100}}
     (results / "validation.json").write_text(json.dumps(validation))
+    _write_perturbation(results, data, rng)
     bench = root / "engine.json"
     bench.write_text(json.dumps({
         "nimarb_t100_s": 6543.0, "kronfluence_t100_s": 91.0, "t100_cg_s": 800.0, "t100_fast_s": 21.0,
@@ -90,6 +91,25 @@ def _write_results(root, data):
         "spearman_fast_vs_cg": 0.973, "speedup_vs_nimarb": 311.6, "t100_fast_epochs": 2.2,
         "peak_rss_mb": 1999.0, "data_source": data.source}))
     return results, bench
+
+
+def _write_perturbation(results, data, rng):
+    """The format of experiments.perturbation: the JSON, its example arrays, and the notebook's map."""
+    group = {"n": 30, "attack_flip_rate": 0.2333, "random_flip_rate": 0.0, "attack_loss_change": 0.0612,
+             "random_loss_change": -0.0021}
+    result = {"settings": {"n_train": 5000}, "fd_rel_err": 5.6e-8, "retrain_pearson": 0.7551, "n_pairs": 80,
+              "retrain_pearson_score_difference": 0.9461, "k_images": 5, "epsilon": 8 / 255, "epsilon_levels": 8,
+              "n_attacked": 30, "groups": {"typical": group, "low_margin": {**group, "attack_flip_rate": 0.9}},
+              "example": {"test_index": 3, "label": 0, "attack_pred": 8, "random_pred": 0},
+              "data_source": data.source, "minutes": 12.0}
+    (results / "perturbation.json").write_text(json.dumps(result))
+    images = rng.integers(0, 256, size=(5, 32, 32, 3)).astype(np.uint8)
+    np.savez(results / "perturbation.npz", example_test_image=images[0], example_original=images,
+             example_poisoned=np.clip(images.astype(int) + 8, 0, 255).astype(np.uint8),
+             check_predicted=rng.normal(size=80), check_actual=rng.normal(size=80))
+    np.savez(results / "perturbation_map.npz", test_index=np.int64(5), train_index=np.int64(17),
+             map=rng.normal(size=(3, 32, 32)).astype(np.float32), train_image=images[1], test_label=np.int64(5),
+             train_label=np.int64(5), data_source=np.array(data.source))
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +128,7 @@ def _text(path) -> list[str]:
 def test_deck_has_every_slide_with_the_results_numbers(deck):
     config, path, titles, problems = deck
     pages = _text(path)
-    assert len(pages) == len(titles) == 15  # 12 fixed slides + one per test image (3)
+    assert len(pages) == len(titles) == 17  # 14 fixed slides + one per test image (3)
     assert problems == []  # nothing cut off, no text overlapping
     everything = "\n".join(pages)
     for expected in ("Influence over inference", "Test image #5: a correctly classified dog",
@@ -119,7 +139,10 @@ def test_deck_has_every_slide_with_the_results_numbers(deck):
                      "cg: 0.91, 0.87, 0.85",  # whole-network leave-one-out, per solver
                      "312", "1,999 MB",  # speedup and peak RSS
                      "43.2%",  # test accuracy
-                     "fastsolver", "JPEG copy"):
+                     "fastsolver", "JPEG copy",
+                     "Pearson between predicted and actual change in the test loss 0.76",  # perturbation check
+                     "flipped 23% of the predictions (random signs of the same size: 0%)",  # the attack
+                     "The dog (test #5)"):
         assert expected in " ".join(everything.split()), expected
     assert "not computed" not in pages[1]
 
@@ -146,11 +169,11 @@ def test_missing_results_give_not_computed_slides(tmp_path, data):
                           engine_json=str(tmp_path / "none" / "engine.json"))
     path, titles, problems = build_slides(config, data=data)
     pages = _text(path)
-    assert len(pages) == len(titles) == 13  # one placeholder instead of the influence slides
+    assert len(pages) == len(titles) == 15  # one placeholder instead of the influence slides
     assert problems == []
     joined = " ".join("\n".join(pages).split())
     for command in ("train --json results/train.json", "influence_over_inference notebook",
-                    "validate all", "bench/engine.py"):
+                    "validate all", "bench/engine.py", "validate perturbation"):
         assert command in joined, command
     assert joined.count("not computed") >= 5
 

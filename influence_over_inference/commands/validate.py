@@ -1,4 +1,4 @@
-"""``python -m influence_over_inference validate {loo-convex,loo-network,flipped,sign,all}``."""
+"""``python -m influence_over_inference validate {loo-convex,loo-network,flipped,sign,lds,perturbation,all}``."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ def register(subparsers) -> None:
     """``python -m influence_over_inference validate {loo-convex,loo-network,flipped,sign,all}``."""
     p = subparsers.add_parser("validate", help="check influence against retraining: leave-one-out (convex, network), "
                                                "flipped labels, the sign; writes results/validation.json")
-    p.add_argument("experiment", choices=(*EXPERIMENTS, "lds", "all"),
+    p.add_argument("experiment", choices=(*EXPERIMENTS, "lds", "perturbation", "all"),
                    help="which experiment (all: the four in turn; lds: the linear datamodeling score against models "
-                        "retrained on random halves, results/lds.json, not part of all)")
+                        "retrained on random halves, results/lds.json; perturbation: perturbation influence checked "
+                        "by retraining and the training-set attack, results/perturbation.json; neither is part of all)")
     p.add_argument("--checkpoint", default="data/cifar_net.pt", help="trained model for loo-convex (default: %(default)s)")
     p.add_argument("--data", default="auto", help="CIFAR-10 source, as for `train`")
     p.add_argument("--data-root", default="data", help="where torchvision downloads to and caches live")
@@ -76,6 +77,8 @@ def cmd_validate(args) -> int:
 
     if args.experiment == "lds":
         return _cmd_lds(args, data)
+    if args.experiment == "perturbation":
+        return _cmd_perturbation(args, data)
     chosen = EXPERIMENTS if args.experiment == "all" else (args.experiment,)
     progress = not args.no_progress
     sets = _overrides(args.set)
@@ -143,4 +146,31 @@ def _cmd_lds(args, data) -> int:
         print(f"  {name}: margin {m['lds_margin']:.4f} [{m['lds_margin_ci'][0]:.4f}, {m['lds_margin_ci'][1]:.4f}], "  # noqa: T201
               f"loss {m['lds_loss']:.4f}, subset ({r['n_test_subset']} images) {m['lds_margin_subset']:.4f}")
     print(f"results: {out}")  # noqa: T201 (CLI output)
+    return 0
+
+
+def _cmd_perturbation(args, data) -> int:
+    from ..experiments.perturbation import ARRAYS_PATH as PERT_ARRAYS
+    from ..experiments.perturbation import (
+        RESULT_PATH,
+        PerturbationConfig,
+        run_perturbation,
+        write_results,
+    )
+
+    out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
+    arrays = PERT_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
+    r, a = run_perturbation(data, PerturbationConfig(**_overrides(args.set)), cache_dir=args.cache_dir,
+                            progress=not args.no_progress)
+    write_results(r, a, out, arrays)
+    lines = [f"perturbation ({r['minutes']:.1f} min, n_train {r['settings']['n_train']}):",
+             f"finite differences (tiny float64 model): relative error {r['fd_rel_err']:.2e}",
+             f"retraining check, {r['n_pairs']} (training image, step) pairs: Pearson {r['retrain_pearson']:.3f} "
+             f"(map . delta), {r['retrain_pearson_score_difference']:.3f} (score difference)"]
+    for name, g in r["groups"].items():
+        lines.append(f"attack, {name} ({g['n']} test images, {r['k_images']} training images each, "
+                     f"{r['epsilon_levels']}/255): flipped {g['attack_flip_rate']:.2f} vs random {g['random_flip_rate']:.2f}; "
+                     f"mean test-loss change {g['attack_loss_change']:+.4f} vs random {g['random_loss_change']:+.4f}")
+    print("\n  ".join(lines))  # noqa: T201 (CLI output)
+    print(f"results: {out}, {arrays}")  # noqa: T201 (CLI output)
     return 0

@@ -38,3 +38,34 @@ def plot_perturbation_map(image, pmap, title: str | None = None,
     if title:
         fig.suptitle(title)
     return _root(fig)
+
+
+def plot_attack_example(test_image, original, poisoned, test_title: str | None = None,
+                        fig: Figure | SubFigure | None = None, amplify: int = 8) -> Figure:
+    """One attacked test image: its training images before and after the attack, and the change.
+
+    ``test_image`` uint8 (H, W, 3); ``original`` and ``poisoned`` uint8 (k, H, W, 3), the k training
+    images before and after. Rows: before, after, and the change ``u' - u`` amplified ``amplify``
+    times around mid-grey (the change itself is at most a few levels of 255: invisible unamplified).
+    """
+    test = _as_uint8_images(test_image)[0]
+    before, after = _as_uint8_images(original), _as_uint8_images(poisoned)
+    if before.shape != after.shape:
+        raise ValueError(f"original {before.shape} and poisoned {after.shape} differ in shape")
+    k = len(before)
+    change = after.astype(np.int32) - before.astype(np.int32)
+    shown = np.clip(128 + amplify * change, 0, 255).astype(np.uint8)
+    fig = _new_or(fig, (1.9 * (k + 1), 6.2))
+    axes = fig.subplots(3, k + 1, squeeze=False)
+    _show_image(axes[0, 0], test)
+    axes[0, 0].set_title(test_title or "test image")
+    axes[1, 0].set_axis_off()
+    axes[2, 0].set_axis_off()
+    for i in range(k):
+        for row, (img, name) in enumerate(((before[i], "before"), (after[i], "after"),
+                                           (shown[i], f"change \u00d7{amplify}"))):
+            _show_image(axes[row, i + 1], img)
+            if i == 0:
+                axes[row, i + 1].set_ylabel(name)
+        axes[0, i + 1].set_title(f"helpful #{i + 1}")
+    return _root(fig)

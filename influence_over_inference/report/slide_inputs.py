@@ -20,6 +20,7 @@ COMMANDS = {
     "influence": "python -m influence_over_inference notebook",
     "validation": "python -m influence_over_inference validate all",
     "engine": "python bench/engine.py",
+    "perturbation": "python -m influence_over_inference validate perturbation",
 }
 
 
@@ -28,7 +29,7 @@ class SlidesConfig:
     """Where the deck reads its results and writes the PDF."""
 
     out: str = "presentation.pdf"  # the PDF to write (atomically)
-    results_dir: str = "results"  # train.json, influence.json, validation.json live here
+    results_dir: str = "results"  # train.json, influence.json, validation.json, perturbation.json live here
     engine_json: str = "bench/results/engine.json"  # the benchmark's summary
     data: str | None = None  # CIFAR-10 source for the images (None: as load_cifar10 decides)
     data_root: str = "data"  # torchvision's download root and the decoded-image cache
@@ -209,6 +210,8 @@ class Inputs:
     engine: dict | Missing
     data: object | None  # CIFAR10Data, or None when the images could not be loaded
     data_error: str | None = None
+    perturbation: dict | Missing | None = None  # results/perturbation.json (+ npz): the check and the attack
+    perturbation_map: dict | Missing | None = None  # results/perturbation_map.npz: the dog's map (the notebook)
 
 
 def load_inputs(config: SlidesConfig, data=None) -> Inputs:
@@ -221,6 +224,10 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
         engine=load_engine_benchmark(config.engine_json),
         data=data,
     )
+    from .perturbation_results import load_attack, load_map
+
+    inputs.perturbation = load_attack(results / "perturbation.json", results / "perturbation.npz")
+    inputs.perturbation_map = load_map(results / "perturbation_map.npz")
     if data is None:
         from ..study.data import DataSourceError, load_cifar10
 

@@ -10,7 +10,7 @@ repeating pixels (nearest neighbour) so they stay sharp in any PDF viewer, and
 :func:`layout_problems` checks that no text is cut off or overlaps another. The same inputs give
 a byte-identical PDF (no creation date, fixed producer).
 
-Pages: :mod:`.pages_story` and :mod:`.pages_evidence`, drawn with :mod:`.deck` from
+Pages: :mod:`.pages_story`, :mod:`.pages_evidence` and :mod:`.pages_perturbation`, drawn with :mod:`.deck` from
 :mod:`.slide_inputs`. Figures come from :mod:`.plots`, the same functions the notebook uses.
 The method is Koh & Liang (2017), "Understanding Black-box Predictions via Influence Functions".
 """
@@ -25,6 +25,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from . import pages_evidence as evidence
+from . import pages_perturbation as perturbation
 from . import pages_story as story
 from .deck import FIGURE_RC, _sharpen_images, layout_problems, write_pdf
 from .slide_inputs import Inputs, SlidesConfig, load_inputs
@@ -40,8 +41,9 @@ def build_pages(inputs: Inputs, config: SlidesConfig) -> list[tuple[str, Figure]
         for build in builders:
             pages.append(build(inputs, config))
         pages.extend(story.influence_slides(inputs, config))
-        for build in (evidence.loo_slide, evidence.flipped_slide, evidence.sign_slide, evidence.engine_slide,
-                      evidence.applications_slide, evidence.references_slide):
+        for build in (evidence.loo_slide, evidence.flipped_slide, evidence.sign_slide, perturbation.map_slide,
+                      perturbation.attack_slide, evidence.engine_slide, evidence.applications_slide,
+                      evidence.references_slide):
             pages.append(build(inputs, config))
         for _, fig in pages:
             _sharpen_images(fig)
