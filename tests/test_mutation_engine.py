@@ -13,3 +13,165 @@ def test_file_sha256_is_the_files_sha256_prefix(tmp_path):
     path.write_bytes(data)
     assert file_sha256(path) == hashlib.sha256(data).hexdigest()[:16]
     assert file_sha256(path, length=40) == hashlib.sha256(data).hexdigest()[:40]
+
+
+# -- scores: self-influence and influence on an image split, chosen layers, float64, progress -----
+
+WD = 1e-2
+EXACT = 1e-10  # float64: the same numbers by two routes
+
+
+def _split_problem(n=12):
+    import torch
+
+    from influence_over_inference.study.data import CIFAR10Split
+    from influence_over_inference.study.model import Net
+
+    gen = torch.Generator().manual_seed(0)
+    split = CIFAR10Split(torch.randint(0, 256, (n, 32, 32, 3), generator=gen, dtype=torch.uint8),
+                         torch.arange(n) % 10, [f"x/{i}.png" for i in range(n)])
+    torch.manual_seed(0)
+    model = Net(channels=(2, 2), hidden=(4, 3)).double().eval()
+    x, y = split.tensors()
+    return split, model, x.double(), y
+
+
+def test_self_influence_on_a_split_with_chosen_layers_is_the_diagonal_in_float64():
+    import torch
+
+    from influence_over_inference.engine.scores import influence, self_influence
+    from influence_over_inference.engine.solvers.registry import make_solver
+
+    split, model, x, y = _split_problem()
+    for name in ("exact", "fast"):
+        solver = make_solver(name, damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc2", "fc3"])
+        full = influence(model, x, y, split, solver, chunk_size=5)  # the split's uint8 images, cast to float64
+        assert full.dtype == torch.float64 and full.shape == (12, 12)
+        assert torch.allclose(full, influence(model, x, y, (x, y), solver), atol=EXACT, rtol=0)
+        si = self_influence(model, split, solver, chunk_size=5)
+        assert si.shape == (12,) and torch.allclose(si, full.diagonal(), atol=EXACT, rtol=1e-9), name
+    fast = make_solver("fast", damping=0.1).fit(model, x, y, weight_decay=WD)
+
+    def per_example(vectors):
+        raise AssertionError("the fast solver's self-influence must use its closed form, not per-example solves")
+
+    fast.quadratic_form = per_example
+    assert self_influence(model, split, fast).shape == (12,)
+
+
+def test_scores_show_progress_only_when_asked(capsys):
+    from influence_over_inference.engine.scores import influence, self_influence
+    from influence_over_inference.engine.solvers.registry import make_solver
+
+    split, model, x, y = _split_problem()
+    solver = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
+    influence(model, x[:2], y[:2], split, solver)
+    self_influence(model, split, solver)
+    assert capsys.readouterr().err == ""
+    influence(model, x[:2], y[:2], split, solver, progress=True)
+    assert "scoring training images:" in capsys.readouterr().err  # tqdm: "<desc>: "
+    self_influence(model, split, solver, progress=True)
+    assert "self-influence:" in capsys.readouterr().err
+
+
+# -- solvers: the shared interface and the exact solver, setting by setting ---------------------
+
+def _logistic_problem():
+    import torch
+    from engine_models import blobs, fit, logistic
+
+    torch.manual_seed(0)
+    x, y = blobs(30, (5,), 3, seed=0)
+    return fit(logistic(), x, y, WD, steps=30).eval(), x, y  # 18 parameters
+
+
+def test_solver_settings_are_validated_and_merged():
+    import math
+
+    import pytest
+
+    from influence_over_inference.engine.solvers.cg import CGSettings
+    from influence_over_inference.engine.solvers.exact import ExactSettings, ExactSolver
+
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got"):
+            ExactSettings(damping=bad)
+    with pytest.raises(ValueError, match=r"curvature must be one of \('ggn', 'hessian'\), got 'fisher'"):
+        ExactSettings(curvature="fisher")
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        ExactSettings(chunk_size=0)
+    with pytest.raises(ValueError, match="max_params must be >= 1 or None, got 0"):
+        ExactSettings(max_params=0)
+    assert ExactSettings(damping=0.0, max_params=None, chunk_size=1).max_params is None  # the edges are allowed
+    solver = ExactSolver(ExactSettings(damping=0.5, chunk_size=7), damping=0.25)
+    assert (solver.settings.damping, solver.settings.chunk_size) == (0.25, 7)
+    assert ExactSolver(damping=0.125).settings.damping == 0.125
+    with pytest.raises(ValueError, match="ExactSolver takes ExactSettings, got CGSettings"):
+        ExactSolver(CGSettings())
+    assert solver.describe() == {"solver": "exact", "curvature": "ggn", "damping": 0.25, "chunk_size": 7,
+                                 "max_params": 20_000}
+
+
+def test_fit_checks_its_inputs_and_solves_the_damped_system():
+    import pytest
+    import torch
+
+    from influence_over_inference.engine.solvers.registry import make_solver
+
+    model, x, y = _logistic_problem()
+    model.train()
+    exact = make_solver("exact", damping=0.3, chunk_size=7).fit(model, x, y, weight_decay=0.2)
+    assert not model.training and exact.total_damping == pytest.approx(0.5)
+    assert exact.n_train == 30 and exact.n_params == 18
+    want = torch.linalg.solve(exact.curvature + 0.5 * torch.eye(18, dtype=torch.float64), torch.ones(18, 2, dtype=torch.float64)).T
+    assert torch.allclose(exact.inverse_hvp(torch.ones(2, 18, dtype=torch.float64)), want, atol=EXACT, rtol=0)
+    one = exact.inverse_hvp(torch.ones(18, dtype=torch.float64))  # one vector: a (1, P) answer
+    assert one.shape == (1, 18) and torch.allclose(one[0], want[0], atol=EXACT, rtol=0)
+    v = torch.randn(3, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(exact.quadratic_form(v), (exact.inverse_hvp(v) * v).sum(1), atol=EXACT, rtol=0)
+    with pytest.raises(NotImplementedError, match="ExactSolver has no basis; use quadratic_form"):
+        exact.quadratic_form_from_products(v, v[:, 0])
+    assert exact.basis() is None
+    whole = make_solver("exact", damping=0.3, chunk_size=1000).fit(model, x, y, weight_decay=0.2)
+    assert torch.allclose(whole.matrix, exact.matrix, atol=EXACT, rtol=0)  # chunk size changes nothing
+    split = make_solver("exact", damping=0.3).fit(model, (x, y), weight_decay=0.2)  # (x, y) as one argument
+    assert torch.allclose(split.matrix, exact.matrix, atol=EXACT, rtol=0)
+    assert make_solver("exact").fit(model, x, y).weight_decay == 0.0
+    with pytest.raises(ValueError, match="the training set is empty"):
+        make_solver("exact").fit(model, x[:0], y[:0])
+    with pytest.raises(ValueError, match="weight_decay must be >= 0, got nan"):
+        make_solver("exact").fit(model, x, y, weight_decay=float("nan"))
+    with pytest.raises(RuntimeError, match=r"ExactSolver: call fit\(model, train_x, train_y, weight_decay\) first"):
+        make_solver("exact").quadratic_form(v)
+    with pytest.raises(ValueError, match=r"vectors must have shape \(K, 18\) \(one row per test gradient\), got \(2, 3, 18\)"):
+        exact.inverse_hvp(torch.zeros(2, 3, 18, dtype=torch.float64))
+    with pytest.raises(ValueError, match="vectors contain NaN or inf"):
+        exact.inverse_hvp(torch.full((1, 18), float("inf"), dtype=torch.float64))
+
+
+def test_exact_solver_state_lu_path_and_size_limit():
+    import pytest
+    import torch
+
+    from influence_over_inference.engine.solvers.exact import ExactSolver, exact_memory_bytes
+    from influence_over_inference.engine.solvers.registry import make_solver
+
+    model, x, y = _logistic_problem()
+    exact = make_solver("exact", damping=0.3).fit(model, x, y, weight_decay=0.2)
+    state = exact.state_dict()
+    assert set(state) == {"curvature"}
+    assert torch.allclose(state["curvature"] + 0.5 * torch.eye(18, dtype=torch.float64), exact.matrix, atol=EXACT, rtol=0)
+    again = ExactSolver(exact.settings).fit(model, x, y, weight_decay=0.2, state=state)
+    v = torch.ones(2, 18, dtype=torch.float64)
+    assert torch.allclose(again.inverse_hvp(v), exact.inverse_hvp(v), atol=EXACT, rtol=0)
+    other_wd = ExactSolver(exact.settings).fit(model, x, y, weight_decay=1.0, state=state)  # the cache holds C only
+    assert torch.allclose(other_wd.matrix, state["curvature"] + 1.3 * torch.eye(18, dtype=torch.float64), atol=EXACT, rtol=0)
+    # an indefinite matrix (the Hessian's curvature minus a shift): no Cholesky, solved by LU
+    shifted = ExactSolver(exact.settings).fit(model, x, y, weight_decay=0.0, state={"curvature": state["curvature"] - 0.31 * torch.eye(18, dtype=torch.float64)})
+    assert shifted._chol is None
+    assert torch.allclose(shifted.inverse_hvp(v), torch.linalg.solve(shifted.matrix, v.T).T, atol=1e-8, rtol=0)
+    assert exact_memory_bytes(10, 3, 4) == 8 * (2 * 100 + 2 * 4 * 3 * 10)
+    assert exact_memory_bytes(10, 3, 4, itemsize=4) == 4 * (2 * 100 + 2 * 4 * 3 * 10)
+    with pytest.raises(ValueError, match=r"builds a 18 x 18 matrix \(about 0\.0 GB with its factor, above max_params=17\); use 'cg' or 'fast'"):
+        make_solver("exact", max_params=17).fit(model, x, y)
+    assert make_solver("exact", max_params=18).fit(model, x, y).matrix.shape == (18, 18)

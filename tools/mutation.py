@@ -23,6 +23,7 @@ EQUIVALENT = {
     "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_61": "blob.get('config') without default (None): build_model(None) is build_model({}), the default Net",
 }
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
+NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
 
 def summarise(mutants: Path, minutes: float | None) -> dict:
@@ -38,10 +39,11 @@ def summarise(mutants: Path, minutes: float | None) -> dict:
                 row["killed"] += 1
             elif code in TIMEOUT:
                 row["timed_out"] += 1
-            elif code in SURVIVED:
+            elif code in SURVIVED or code == NO_TESTS:
                 reason = EQUIVALENT.get(name)
                 row["equivalent" if reason else "survived"] += 1
-                row["survivors"].append({"mutant": name, "equivalent": bool(reason), "reason": reason or ""})
+                why = reason or ("no selected test calls the mutated function" if code == NO_TESTS else "")
+                row["survivors"].append({"mutant": name, "equivalent": bool(reason), "reason": why})
             else:
                 row["other"] += 1
         not_run += row["not_run"]
