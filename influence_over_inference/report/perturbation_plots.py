@@ -56,7 +56,7 @@ def plot_attack_example(test_image, original, poisoned, test_title: str | None =
     change = after.astype(np.int32) - before.astype(np.int32)
     shown = np.clip(128 + amplify * change, 0, 255).astype(np.uint8)
     fig = _new_or(fig, (1.9 * (k + 1), 6.2))
-    axes = fig.subplots(3, k + 1, squeeze=False)
+    axes = fig.subplots(3, k + 1, squeeze=False, width_ratios=[1.6] + [1] * k)  # room for the test image's title
     _show_image(axes[0, 0], test)
     axes[0, 0].set_title(test_title or "test image")
     axes[1, 0].set_axis_off()
