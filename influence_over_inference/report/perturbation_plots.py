@@ -34,7 +34,8 @@ def plot_perturbation_map(image, pmap, title: str | None = None,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{name} channel")
-    _root(fig).colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="test-loss change per unit step")
+    bar = _root(fig).colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="test-loss change per unit step")
+    bar.solids.set_rasterized(False)  # vector in a PDF: no low-resolution strip beside the sharp 32x32 images
     if title:
         fig.suptitle(title)
     return _root(fig)
