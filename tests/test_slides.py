@@ -140,8 +140,8 @@ def test_deck_has_every_slide_with_the_results_numbers(deck):
                      "312", "1,999 MB",  # speedup and peak RSS
                      "43.2%",  # test accuracy
                      "fastsolver", "JPEG copy",
-                     "Pearson between predicted and actual change in the test loss 0.76",  # perturbation check
-                     "flipped 23% of the predictions (random signs of the same size: 0%)",  # the attack
+                     "Pearson 0.76 (the map), 0.95 (score difference)",  # the perturbation check
+                     "flipped 23% (random 0%)", "flipped 90% (random 0%)",  # the attack, both groups
                      "The dog (test #5)"):
         assert expected in " ".join(everything.split()), expected
     assert "not computed" not in pages[1]

@@ -300,6 +300,13 @@ def run_perturbation(data, config: PerturbationConfig | None = None, cache_dir: 
             flip, change = _rates([a[f"{kind}_loss_change"] for a in rows], [a[f"{kind}_flipped"] for a in rows])
             groups[name][f"{kind}_flip_rate"], groups[name][f"{kind}_loss_change"] = flip, change
         groups[name]["attack_beats_random"] = int(sum(a["attack_loss_change"] > a["random_loss_change"] for a in rows))
+        # what the attack's change is close to: removing the k images (their summed scores), not the
+        # linear <map, delta>, which overshoots once a perturbed image stops contributing
+        changes = [a["attack_loss_change"] for a in rows]
+        groups[name]["mean_score_sum"] = float(np.mean([a["score_sum"] for a in rows]))
+        groups[name]["mean_predicted_linear"] = float(np.mean([a["predicted"] for a in rows]))
+        if len(rows) > 1:
+            groups[name]["pearson_change_vs_score_sum"] = pearson([a["score_sum"] for a in rows], changes)
     main = groups["typical"]
     example = max(attack, key=lambda a: (a["attack_flipped"] and not a["random_flipped"], a["attack_loss_change"]))
     arrays = {"example_test_index": np.int64(example["test_index"]),

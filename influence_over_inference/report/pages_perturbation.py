@@ -11,9 +11,9 @@ from __future__ import annotations
 from ..study.data import CLASSES
 from .deck import SMALL_PT, _bullets, _new_page, _not_computed
 from .perturbation_plots import plot_attack_example, plot_perturbation_map
-from .perturbation_results import ATTACK_COMMAND, MAP_COMMAND, attack_sentences, example_title
-from .slide_inputs import Missing
-from .slide_text import _footer, _source
+from .perturbation_results import example_title
+from .slide_inputs import COMMANDS, Missing
+from .slide_text import _footer, _pct, _source
 
 
 def map_slide(inputs, config):
@@ -21,7 +21,7 @@ def map_slide(inputs, config):
     found = inputs.perturbation_map
     fig, body = _new_page(title, _footer("results/perturbation_map.npz", _source(found)))
     if found is None or isinstance(found, Missing):
-        _not_computed(body, found if isinstance(found, Missing) else f"the dog's perturbation map \u2014 run: {MAP_COMMAND}")
+        _not_computed(body, found if isinstance(found, Missing) else f"the dog's perturbation map \u2014 run: {COMMANDS['perturbation_map']}")
         return title, fig
     panels, text = body.subfigures(2, 1, height_ratios=[3.2, 1.4])
     plot_perturbation_map(found["train_image"], found["map"], fig=panels)
@@ -39,7 +39,7 @@ def attack_slide(inputs, config):
     result = inputs.perturbation
     fig, body = _new_page(title, _footer("results/perturbation.json", _source(result)))
     if result is None or isinstance(result, Missing):
-        _not_computed(body, result if isinstance(result, Missing) else f"the attack \u2014 run: {ATTACK_COMMAND}")
+        _not_computed(body, result if isinstance(result, Missing) else f"the attack \u2014 run: {COMMANDS['perturbation']}")
         return title, fig
     left, right = body.subfigures(1, 2, width_ratios=[1, 1.15])
     arrays = result.get("_arrays")
@@ -48,9 +48,18 @@ def attack_slide(inputs, config):
         plot_attack_example(arrays["example_test_image"], arrays["example_original"][:k],
                             arrays["example_poisoned"][:k], example_title(result, CLASSES), fig=left)
     else:
-        _not_computed(left, f"the example images \u2014 run: {ATTACK_COMMAND}")
-    items = attack_sentences(result)[1:]  # the finite-difference line stays in the notebook
-    items.append("Poisoning: a few invisible changes to the images a prediction relies on move it far more than "
-                 "random noise does; robustness: influence tells a defender which training images to guard.")
+        _not_computed(left, f"the example images \u2014 run: {COMMANDS['perturbation']}")
+    items = [f"Check: {result['n_pairs']} (training image, step) pairs, one image moved 1 or 2 levels along "
+             f"\u00b1 its map, retrained: Pearson {result['retrain_pearson']:.2f} (the map), "
+             f"{result['retrain_pearson_score_difference']:.2f} (score difference)."]
+    eps = result.get("epsilon_levels", round(255 * result["epsilon"]))
+    names = {"typical": "Typical", "low_margin": "Smallest margins"}
+    for name, g in result.get("groups", {}).items():
+        items.append(f"{names.get(name, name)}: {g['n']} test images, {result['k_images']} most helpful images each "
+                     f"moved \u2264 {eps}/255: flipped {_pct(g['attack_flip_rate'])} (random "
+                     f"{_pct(g['random_flip_rate'])}); test loss {g['attack_loss_change']:+.3f} "
+                     f"(random {g['random_loss_change']:+.3f}).")
+    items.append("Poisoning: invisible edits of a few images, aimed by influence, move a prediction more than noise "
+                 "does. Robustness: the map shows which images and pixels to guard.")
     _bullets(right, items, fontsize=SMALL_PT, top=0.98, gap=0.35)
     return title, fig

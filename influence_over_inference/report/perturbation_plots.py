@@ -34,7 +34,8 @@ def plot_perturbation_map(image, pmap, title: str | None = None,
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(f"{name} channel")
-    _root(fig).colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="test-loss change per unit step")
+    bar = _root(fig).colorbar(shown, ax=list(axes[1:]), shrink=0.8, label="test-loss change per unit step")
+    bar.solids.set_rasterized(False)  # vector in a PDF: no low-resolution strip beside the sharp 32x32 images
     if title:
         fig.suptitle(title)
     return _root(fig)
@@ -56,7 +57,7 @@ def plot_attack_example(test_image, original, poisoned, test_title: str | None =
     change = after.astype(np.int32) - before.astype(np.int32)
     shown = np.clip(128 + amplify * change, 0, 255).astype(np.uint8)
     fig = _new_or(fig, (1.9 * (k + 1), 6.2))
-    axes = fig.subplots(3, k + 1, squeeze=False)
+    axes = fig.subplots(3, k + 1, squeeze=False, width_ratios=[1.6] + [1] * k)  # room for the test image's title
     _show_image(axes[0, 0], test)
     axes[0, 0].set_title(test_title or "test image")
     axes[1, 0].set_axis_off()

@@ -3,8 +3,9 @@
 Two files: ``results/perturbation.json`` / ``.npz`` (``validate perturbation``: the retraining
 check and the training-set attack on the 5,000-image subset model, with one before/after
 example) and ``results/perturbation_map.npz`` (written by the notebook: the dog's most helpful
-training image and its perturbation-influence map on the full model). A missing file is a
-:class:`~.slide_inputs.Missing` that names the command which makes it.
+training image and its perturbation-influence map on the full model). They are read by
+:func:`.slide_inputs.load_perturbation` and :func:`.slide_inputs.load_perturbation_map`; a missing
+file is a :class:`~.slide_inputs.Missing` that names the command which makes it.
 """
 
 from __future__ import annotations
@@ -15,12 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.io import save_npz_atomic
-from .slide_inputs import Missing, read_json
-
-ATTACK_COMMAND = "python -m influence_over_inference validate perturbation"
-
-
-MAP_COMMAND = "python -m influence_over_inference notebook"
+from .slide_inputs import Missing
 
 
 def map_path(results_json: str | os.PathLike) -> Path:
@@ -37,34 +33,6 @@ def save_map(path: str | os.PathLike, test_index: int, train_index: int, pmap, t
                     train_image=img.astype(np.uint8), test_label=np.int64(test_label),
                     train_label=np.int64(train_label), data_source=np.array(data_source))
     return Path(path)
-
-
-def load_map(path: str | os.PathLike = "results/perturbation_map.npz"):
-    """The saved map as a dict (``map`` (3, H, W), ``train_image`` uint8, indices, labels), or Missing."""
-    path = Path(path)
-    if not path.is_file():
-        return Missing("perturbation map of the dog", path, MAP_COMMAND)
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            out = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as error:
-        return Missing("perturbation map of the dog", path, MAP_COMMAND, reason=f"unreadable: {error}")
-    out["data_source"] = str(out["data_source"])
-    for key in ("test_index", "train_index", "test_label", "train_label"):
-        out[key] = int(out[key])
-    return out
-
-
-def load_attack(path: str | os.PathLike = "results/perturbation.json",
-                arrays: str | os.PathLike = "results/perturbation.npz"):
-    """``results/perturbation.json`` with its example arrays under ``"_arrays"`` (if the npz is there), or Missing."""
-    result = read_json(Path(path), "perturbation check and attack", ATTACK_COMMAND)
-    if isinstance(result, Missing):
-        return result
-    if Path(arrays).is_file():
-        with np.load(arrays, allow_pickle=False) as z:
-            result["_arrays"] = {k: z[k] for k in z.files}
-    return result
 
 
 def _pct(x: float) -> str:
@@ -96,5 +64,5 @@ def attack_sentences(result) -> list[str]:
 def example_title(result, classes) -> str:
     """The before/after example's test image, its class and what the retrained model said."""
     ex = result["example"]
-    return (f"test #{ex['test_index']}: {classes[ex['label']]}\nafter the attack: {classes[ex['attack_pred']]}\n"
-            f"(random: {classes[ex['random_pred']]})")
+    return (f"test #{ex['test_index']}\n{classes[ex['label']]}\nattacked: {classes[ex['attack_pred']]}\n"
+            f"random: {classes[ex['random_pred']]}")

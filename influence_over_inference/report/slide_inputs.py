@@ -21,6 +21,7 @@ COMMANDS = {
     "validation": "python -m influence_over_inference validate all",
     "engine": "python bench/engine.py",
     "perturbation": "python -m influence_over_inference validate perturbation",
+    "perturbation_map": "python -m influence_over_inference notebook",
 }
 
 
@@ -184,6 +185,34 @@ def load_engine_benchmark(path: str | os.PathLike = "bench/results/engine.json")
     return read_json(Path(path), "benchmark", COMMANDS["engine"])
 
 
+def load_perturbation_map(path: str | os.PathLike = "results/perturbation_map.npz"):
+    """The saved map as a dict (``map`` (3, H, W), ``train_image`` uint8, indices, labels), or Missing."""
+    path = Path(path)
+    if not path.is_file():
+        return Missing("perturbation map of the dog", path, COMMANDS["perturbation_map"])
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except (OSError, ValueError) as error:
+        return Missing("perturbation map of the dog", path, COMMANDS["perturbation_map"], reason=f"unreadable: {error}")
+    out["data_source"] = str(out["data_source"])
+    for key in ("test_index", "train_index", "test_label", "train_label"):
+        out[key] = int(out[key])
+    return out
+
+
+def load_perturbation(path: str | os.PathLike = "results/perturbation.json",
+                      arrays: str | os.PathLike = "results/perturbation.npz"):
+    """``results/perturbation.json`` with its example arrays under ``"_arrays"`` (if the npz is there), or Missing."""
+    result = read_json(Path(path), "perturbation check and attack", COMMANDS["perturbation"])
+    if isinstance(result, Missing):
+        return result
+    if Path(arrays).is_file():
+        with np.load(arrays, allow_pickle=False) as z:
+            result["_arrays"] = {k: z[k] for k in z.files}
+    return result
+
+
 def describe_source(source: str | None) -> str:
     """A short, human description of a ``data_source`` string."""
     if not source:
@@ -224,10 +253,8 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
         engine=load_engine_benchmark(config.engine_json),
         data=data,
     )
-    from .perturbation_results import load_attack, load_map
-
-    inputs.perturbation = load_attack(results / "perturbation.json", results / "perturbation.npz")
-    inputs.perturbation_map = load_map(results / "perturbation_map.npz")
+    inputs.perturbation = load_perturbation(results / "perturbation.json", results / "perturbation.npz")
+    inputs.perturbation_map = load_perturbation_map(results / "perturbation_map.npz")
     if data is None:
         from ..study.data import DataSourceError, load_cifar10
 
