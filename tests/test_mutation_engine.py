@@ -331,3 +331,21 @@ def test_lissa_divergence_message_estimates_the_eigenvalue_and_the_scale_to_use(
     assert lam == pytest.approx(top, rel=0.05)
     assert f"scale={top / 10:g} is too small" in text and "ggn curvature (batch_size=30, + weight decay)" in text
     assert f"Raise scale to about {float(f'{2 * lam:.1g}'):g} (and keep damping=0.1" in text
+
+
+def test_top_k_defaults_to_ten_takes_one_row_and_every_k_from_1_to_n():
+    import pytest
+    import torch
+
+    from influence_over_inference.engine.scores import top_k
+
+    scores = torch.arange(12, dtype=torch.float64).flip(0)[None] - 5.5  # (1, 12): 6.5, 5.5, ..., -5.5
+    assert top_k(scores).helpful.shape == (1, 10) and top_k(scores).harmful.shape == (1, 10)
+    row = top_k(scores[0], k=3)  # one test image as a 1-D vector
+    assert row.helpful.tolist() == [[0, 1, 2]] and row.harmful.tolist() == [[11, 10, 9]]
+    assert top_k(scores, k=1).helpful.tolist() == [[0]] and top_k(scores, k=1).harmful_scores.tolist() == [[-5.5]]
+    everything = top_k(scores, k=12)
+    assert everything.helpful.tolist() == [list(range(12))] and everything.harmful.tolist() == [list(range(11, -1, -1))]
+    for bad in (0, 13):
+        with pytest.raises(ValueError, match=rf"k must be between 1 and the number of training images \(12\), got {bad}"):
+            top_k(scores, k=bad)
