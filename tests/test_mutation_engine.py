@@ -1,13 +1,36 @@
-"""Engine checks added while mutation testing (issue 15): behaviour the other tests left loose."""
+"""Engine checks added while mutation testing (issue 15): behaviour the other tests left loose.
+
+Each test asserts what a user would see change: scores and self-influence on an image split with
+chosen layers (float64), progress bars only when asked, top-k at its edges, the solvers' settings
+validated edge by edge with their messages, the exact solver's damped solve, state and LU path, CG
+on both curvature paths row by row with its warnings, LiSSA's full-batch fixed point, its
+minibatches and its divergence advice (tiny models, seconds)."""
 
 from __future__ import annotations
 
+import hashlib
+import math
+import re
+
+import pytest
+import torch
+from engine_models import blobs, fit, logistic, mlp
+
 from influence_over_inference.engine.hashing import file_sha256
+from influence_over_inference.engine.scores import influence, self_influence, top_k
+from influence_over_inference.engine.solvers.cg import CGSettings
+from influence_over_inference.engine.solvers.exact import (
+    ExactSettings,
+    ExactSolver,
+    exact_memory_bytes,
+)
+from influence_over_inference.engine.solvers.lissa import LiSSADivergenceError, LiSSASettings
+from influence_over_inference.engine.solvers.registry import make_solver
+from influence_over_inference.study.data import CIFAR10Split
+from influence_over_inference.study.model import Net
 
 
 def test_file_sha256_is_the_files_sha256_prefix(tmp_path):
-    import hashlib
-
     path = tmp_path / "f.bin"
     data = bytes(range(256)) * 5000  # > one 1 MiB read block
     path.write_bytes(data)
@@ -22,11 +45,6 @@ EXACT = 1e-10  # float64: the same numbers by two routes
 
 
 def _split_problem(n=12):
-    import torch
-
-    from influence_over_inference.study.data import CIFAR10Split
-    from influence_over_inference.study.model import Net
-
     gen = torch.Generator().manual_seed(0)
     split = CIFAR10Split(torch.randint(0, 256, (n, 32, 32, 3), generator=gen, dtype=torch.uint8),
                          torch.arange(n) % 10, [f"x/{i}.png" for i in range(n)])
@@ -37,11 +55,6 @@ def _split_problem(n=12):
 
 
 def test_self_influence_on_a_split_with_chosen_layers_is_the_diagonal_in_float64():
-    import torch
-
-    from influence_over_inference.engine.scores import influence, self_influence
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     split, model, x, y = _split_problem()
     for name in ("exact", "fast"):
         solver = make_solver(name, damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc2", "fc3"])
@@ -60,9 +73,6 @@ def test_self_influence_on_a_split_with_chosen_layers_is_the_diagonal_in_float64
 
 
 def test_scores_show_progress_only_when_asked(capsys):
-    from influence_over_inference.engine.scores import influence, self_influence
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     split, model, x, y = _split_problem()
     solver = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
     influence(model, x[:2], y[:2], split, solver)
@@ -77,22 +87,12 @@ def test_scores_show_progress_only_when_asked(capsys):
 # -- solvers: the shared interface and the exact solver, setting by setting ---------------------
 
 def _logistic_problem():
-    import torch
-    from engine_models import blobs, fit, logistic
-
     torch.manual_seed(0)
     x, y = blobs(30, (5,), 3, seed=0)
     return fit(logistic(), x, y, WD, steps=30).eval(), x, y  # 18 parameters
 
 
 def test_solver_settings_are_validated_and_merged():
-    import math
-
-    import pytest
-
-    from influence_over_inference.engine.solvers.cg import CGSettings
-    from influence_over_inference.engine.solvers.exact import ExactSettings, ExactSolver
-
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match=r"damping must be a finite number >= 0, got"):
             ExactSettings(damping=bad)
@@ -113,11 +113,6 @@ def test_solver_settings_are_validated_and_merged():
 
 
 def test_fit_checks_its_inputs_and_solves_the_damped_system():
-    import pytest
-    import torch
-
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     model, x, y = _logistic_problem()
     model.train()
     exact = make_solver("exact", damping=0.3, chunk_size=7).fit(model, x, y, weight_decay=0.2)
@@ -150,12 +145,6 @@ def test_fit_checks_its_inputs_and_solves_the_damped_system():
 
 
 def test_exact_solver_state_lu_path_and_size_limit():
-    import pytest
-    import torch
-
-    from influence_over_inference.engine.solvers.exact import ExactSolver, exact_memory_bytes
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     model, x, y = _logistic_problem()
     exact = make_solver("exact", damping=0.3).fit(model, x, y, weight_decay=0.2)
     state = exact.state_dict()
@@ -184,10 +173,6 @@ def _rel(a, b) -> float:
 
 
 def test_cg_settings_are_validated():
-    import pytest
-
-    from influence_over_inference.engine.solvers.cg import CGSettings
-
     for bad, message in (({"max_factor_mb": -1.0}, "max_factor_mb must be >= 0, got -1.0"),
                          ({"tol": 0.0}, "tol must be > 0, got 0.0"), ({"max_iter": 0}, "max_iter must be >= 1, got 0"),
                          ({"n_samples": 0}, "n_samples must be >= 1 or None, got 0"),
@@ -198,10 +183,6 @@ def test_cg_settings_are_validated():
 
 
 def test_cg_solves_with_and_without_the_held_factor_row_by_row(caplog):
-    import torch
-
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     model, x, y = _logistic_problem()
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=0.2)
     gen = torch.Generator().manual_seed(2)
@@ -235,11 +216,6 @@ def test_cg_solves_with_and_without_the_held_factor_row_by_row(caplog):
 
 
 def test_cg_warns_on_an_indefinite_hessian_and_keeps_float32(caplog):
-    import torch
-    from engine_models import blobs, mlp
-
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     torch.manual_seed(3)
     x, y = blobs(30, (6,), 3, seed=3)
     model = mlp().eval()  # untrained: its Hessian is indefinite
@@ -248,23 +224,17 @@ def test_cg_warns_on_an_indefinite_hessian_and_keeps_float32(caplog):
     cg = make_solver("cg", curvature="hessian", damping=0.0, max_iter=40).fit(model, x, y)
     cg.inverse_hvp(torch.ones(1, cg.n_params, dtype=torch.float64))
     assert "CG met a direction of non-positive curvature" in caplog.text and "raise damping or use curvature='ggn'" in caplog.text
-    m32, (x32, y32) = _logistic_problem()[0].float(), _logistic_problem()[1:]
-    cg32 = make_solver("cg", damping=0.1, tol=1e-10).fit(m32, x32.float(), y32, weight_decay=0.2)
+    model64, x64, y64 = _logistic_problem()
+    exact64 = make_solver("exact", damping=0.1).fit(model64, x64, y64, weight_decay=0.2)
+    want = exact64.inverse_hvp(torch.ones(1, 18, dtype=torch.float64))
+    cg32 = make_solver("cg", damping=0.1, tol=1e-10).fit(model64.float(), x64.float(), y64, weight_decay=0.2)
     got = cg32.inverse_hvp(torch.ones(1, 18))
-    assert got.dtype == torch.float32
-    exact64 = make_solver("exact", damping=0.1).fit(*_logistic_problem(), weight_decay=0.2)
-    assert _rel(got.double(), exact64.inverse_hvp(torch.ones(1, 18, dtype=torch.float64))) < 1e-4
+    assert got.dtype == torch.float32 and _rel(got.double(), want) < 1e-4
 
 
 # -- LiSSA: the fixed point, the settings, the eigenvalue estimate and the advice ---------------
 
 def test_lissa_full_batch_reaches_the_exact_fixed_point():
-    import pytest
-    import torch
-
-    from influence_over_inference.engine.solvers.lissa import LiSSASettings
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     model, x, y = _logistic_problem()
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=0.2)
     top = float(torch.linalg.eigvalsh(exact.matrix)[-1])
@@ -289,11 +259,6 @@ def test_lissa_full_batch_reaches_the_exact_fixed_point():
 
 
 def test_lissa_minibatches_cover_the_data_and_run_out_with_a_message():
-    import pytest
-    import torch
-
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     model, x, y = _logistic_problem()
     lissa = make_solver("lissa", batch_size=7, seed=5).fit(model, x, y, weight_decay=0.2)
     batches = lissa._batches(torch.Generator().manual_seed(5))
@@ -308,14 +273,6 @@ def test_lissa_minibatches_cover_the_data_and_run_out_with_a_message():
 
 
 def test_lissa_divergence_message_estimates_the_eigenvalue_and_the_scale_to_use():
-    import re
-
-    import pytest
-    import torch
-
-    from influence_over_inference.engine.solvers.lissa import LiSSADivergenceError
-    from influence_over_inference.engine.solvers.registry import make_solver
-
     model, x, y = _logistic_problem()
     exact = make_solver("exact", damping=0.0).fit(model, x, y, weight_decay=0.2)
     top = float(torch.linalg.eigvalsh(exact.matrix)[-1])  # of C + weight_decay I on all 30
@@ -334,11 +291,6 @@ def test_lissa_divergence_message_estimates_the_eigenvalue_and_the_scale_to_use(
 
 
 def test_top_k_defaults_to_ten_takes_one_row_and_every_k_from_1_to_n():
-    import pytest
-    import torch
-
-    from influence_over_inference.engine.scores import top_k
-
     scores = torch.arange(12, dtype=torch.float64).flip(0)[None] - 5.5  # (1, 12): 6.5, 5.5, ..., -5.5
     assert top_k(scores).helpful.shape == (1, 10) and top_k(scores).harmful.shape == (1, 10)
     row = top_k(scores[0], k=3)  # one test image as a 1-D vector
