@@ -301,3 +301,19 @@ def test_top_k_defaults_to_ten_takes_one_row_and_every_k_from_1_to_n():
     for bad in (0, 13):
         with pytest.raises(ValueError, match=rf"k must be between 1 and the number of training images \(12\), got {bad}"):
             top_k(scores, k=bad)
+
+
+def test_make_solver_builds_each_solver_with_its_settings_and_names_the_valid_ones():
+    from dataclasses import fields
+
+    from influence_over_inference.engine.solvers.registry import SOLVERS
+
+    for name, cls in SOLVERS.items():
+        solver = make_solver(name, damping=0.375)
+        assert type(solver) is cls and solver.name == name and solver.settings.damping == 0.375
+    assert make_solver("lissa", depth=3).settings.depth == 3
+    with pytest.raises(ValueError, match=re.escape("unknown solver 'newton'; choose one of ['cg', 'exact', 'fast', 'lissa']")):
+        make_solver("newton")
+    valid = sorted(f.name for f in fields(CGSettings))
+    with pytest.raises(ValueError, match=re.escape(f"solver 'cg' has no setting(s) ['depth', 'scale']; valid: {valid}")):
+        make_solver("cg", scale=2.0, depth=3)
