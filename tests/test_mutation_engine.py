@@ -82,6 +82,10 @@ def test_scores_show_progress_only_when_asked(capsys):
     assert "scoring training images:" in capsys.readouterr().err  # tqdm: "<desc>: "
     self_influence(model, split, solver, progress=True)
     assert "self-influence:" in capsys.readouterr().err
+    make_solver("exact").fit(model, x, y)
+    assert capsys.readouterr().err == ""
+    make_solver("exact").fit(model, x, y, progress=True)
+    assert "exact solver: curvature:" in capsys.readouterr().err
 
 
 # -- solvers: the shared interface and the exact solver, setting by setting ---------------------
@@ -132,6 +136,8 @@ def test_fit_checks_its_inputs_and_solves_the_damped_system():
     split = make_solver("exact", damping=0.3).fit(model, (x, y), weight_decay=0.2)  # (x, y) as one argument
     assert torch.allclose(split.matrix, exact.matrix, atol=EXACT, rtol=0)
     assert make_solver("exact").fit(model, x, y).weight_decay == 0.0
+    with pytest.raises(ValueError, match=r"training data: labels must have shape \(30,\), got \(29,\)"):
+        make_solver("exact").fit(model, x, y[:29])
     with pytest.raises(ValueError, match="the training set is empty"):
         make_solver("exact").fit(model, x[:0], y[:0])
     with pytest.raises(ValueError, match="weight_decay must be >= 0, got nan"):
