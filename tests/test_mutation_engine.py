@@ -323,3 +323,13 @@ def test_make_solver_builds_each_solver_with_its_settings_and_names_the_valid_on
     valid = sorted(f.name for f in fields(CGSettings))
     with pytest.raises(ValueError, match=re.escape(f"solver 'cg' has no setting(s) ['depth', 'scale']; valid: {valid}")):
         make_solver("cg", scale=2.0, depth=3)
+
+
+def test_s_test_checks_test_labels_against_the_models_classes():
+    from influence_over_inference.engine.scores import s_test
+
+    split, model, x, y = _split_problem()
+    solver = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
+    with pytest.raises(ValueError, match=r"test data: labels must lie in \[0, 10\), found 3\.\.10"):
+        s_test(model, x[:2], torch.tensor([3, 10]), solver)
+    assert s_test(model, x[:2], torch.tensor([3, 9]), solver).shape == (2, solver.n_params)

@@ -24,6 +24,10 @@ EQUIVALENT = {
     "influence_over_inference.engine.scores.x_self_influence__mutmut_20": "torch.empty(2, ...) instead of (1, ...): only row 0 is filled and returned",
     "influence_over_inference.engine.scores.x_top_k__mutmut_17": "topk without dim=1: the default dim=-1 is dim 1 of the (n_test, n_train) matrix",
     "influence_over_inference.engine.scores.x_top_k__mutmut_18": "topk without largest=True: True is topk's default",
+    "influence_over_inference.engine.scores.x_top_k__mutmut_26": "topk without dim=1: the default dim=-1 is dim 1 of the (n_test, n_train) matrix",
+    "influence_over_inference.engine.scores.x__n_classes__mutmut_2": "'or True': a model without config gives {}.get('n_classes'), None, as before",
+    "influence_over_inference.engine.scores.x__n_classes__mutmut_6": "getattr default None: only reached when the model has a config",
+    "influence_over_inference.engine.scores.x__n_classes__mutmut_9": "getattr without default: only reached when the model has a config",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
 # tests/test_distributed.py runs that path with two gloo processes, too slow to repeat per mutant, so it
