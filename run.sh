@@ -32,6 +32,9 @@ case "${1:-main}" in
     shift || true
     python -m pip install -q -r requirements-dev.txt
     export OMP_NUM_THREADS=1
+    # each mutant starts pytest afresh: cache compiled files and skip plugin discovery (2x faster here)
+    export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+    unset PYTHONDONTWRITEBYTECODE
     start=$(date +%s)
     python -m mutmut run --max-children 1 "$@" || true
     python tools/mutation.py --minutes "$(( ($(date +%s) - start) / 60 ))"
