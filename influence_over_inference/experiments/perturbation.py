@@ -19,7 +19,11 @@ and minibatches, minus a control run, :mod:`.retraining`), so one retrain takes 
    (by the engine's scores) are each moved by ``epsilon`` (8 levels) along the sign of their map,
    clipped to [0, 255] and stored as uint8 (the attack survives saving), then the model retrained:
    did the prediction flip, how much did the test loss rise? The control moves the same images by
-   random signs of the same size (seeded ``torch.Generator``).
+   random signs of the same size (seeded ``torch.Generator``); Koh & Liang's iterative variant
+   (:func:`iterative_perturbation`) takes ``iterative_steps`` smaller steps within the same budget,
+   the map recomputed at the perturbed images after each. Two groups of test images: typical ones
+   (the first correctly classified of each class; the issue's keys) and those with the smallest
+   margins (the easiest to flip), each with its own flip rates and mean loss changes.
 
 Pixel space: u in [0, 255]; the model sees x = 2u/255 - 1, so dx/du = 2/255 and a step of ``s``
 levels moves x by ``2s/255``. Every retrain is cached (one entry per run, resumable).
