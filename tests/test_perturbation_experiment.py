@@ -16,6 +16,7 @@ from influence_over_inference.experiments import perturbation as pert
 from influence_over_inference.experiments.perturbation import (
     PerturbationConfig,
     attack_targets,
+    iterative_perturbation,
     margins,
     normalised_delta,
     perturb_pixels,
@@ -69,6 +70,24 @@ def test_pixel_steps_keep_the_budget_and_survive_saving_as_png():
         perturb_pixels(images.float(), signs, 8)
 
 
+def test_the_iterative_attack_stays_within_the_budget():
+    model = _tiny_net()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 32, 32, 3), generator=gen, dtype=torch.uint8)
+    stest = torch.randn(1, sum(p.numel() for p in model.parameters()), generator=gen, dtype=torch.float64)
+    out = iterative_perturbation(model, stest, images, torch.tensor([0, 1]), 100, epsilon=8, steps=4)
+    change = out.int() - images.int()
+    assert out.dtype == torch.uint8 and change.abs().max() <= 8 and change.abs().max() > 0
+
+
+def _tiny_net():
+    from influence_over_inference.study.model import Net
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return Net(channels=(2, 3), hidden=(8, 8)).double()
+
+
 def test_random_signs_are_plus_or_minus_one_and_seeded():
     a = random_signs((2, 4, 4, 3), torch.Generator().manual_seed(3))
     b = random_signs((2, 4, 4, 3), torch.Generator().manual_seed(3))
@@ -109,7 +128,8 @@ def test_a_tiny_run_writes_the_issue_keys_and_resumes_from_its_cache(tmp_path, m
     assert result["k_images"] == 3 and result["epsilon"] == pytest.approx(8 / 255)
     assert result["n_attacked"] == result["groups"]["typical"]["n"] >= 1
     assert result["data_source"] == "tiny-random" and result["fd_rel_err"] <= 1e-6
-    n_runs = result["n_pairs"] + 2 * len(result["attack"])  # each check pair, each attack and its random control
+    assert {"iterative_flip_rate", "iterative_loss_change"} <= set(result["groups"]["typical"])
+    n_runs = result["n_pairs"] + 3 * len(result["attack"])  # each check pair; each attack, iterated, and random
     assert len(calls) == 1 + n_runs  # and the control
     original, poisoned = arrays["example_original"], arrays["example_poisoned"]
     assert poisoned.dtype == np.uint8 and original.shape == poisoned.shape == (3, 32, 32, 3)
@@ -139,4 +159,6 @@ def test_config_refuses_what_the_issue_rules_out():
         PerturbationConfig(k_images=6)
     with pytest.raises(ValueError, match="whole pixel levels"):
         PerturbationConfig(check_steps=(0.5,))
+    with pytest.raises(ValueError, match="iterative_steps"):
+        PerturbationConfig(iterative_steps=3)  # 8 levels do not split into 3 whole steps
     assert PerturbationConfig().damping == pytest.approx(1 / RetrainConfig().horizon, abs=1e-4)

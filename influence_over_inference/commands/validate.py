@@ -170,7 +170,9 @@ def _cmd_perturbation(args, data) -> int:
     for name, g in r["groups"].items():
         lines.append(f"attack, {name} ({g['n']} test images, {r['k_images']} training images each, "
                      f"{r['epsilon_levels']}/255): flipped {g['attack_flip_rate']:.2f} vs random {g['random_flip_rate']:.2f}; "
-                     f"mean test-loss change {g['attack_loss_change']:+.4f} vs random {g['random_loss_change']:+.4f}")
+                     f"mean test-loss change {g['attack_loss_change']:+.4f} vs random {g['random_loss_change']:+.4f}"
+                     + (f"; iterated: flipped {g['iterative_flip_rate']:.2f}, change {g['iterative_loss_change']:+.4f}"
+                        if "iterative_flip_rate" in g else ""))
     print("\n  ".join(lines))  # noqa: T201 (CLI output)
     print(f"results: {out}, {arrays}")  # noqa: T201 (CLI output)
     return 0

@@ -19,7 +19,11 @@ and minibatches, minus a control run, :mod:`.retraining`), so one retrain takes 
    (by the engine's scores) are each moved by ``epsilon`` (8 levels) along the sign of their map,
    clipped to [0, 255] and stored as uint8 (the attack survives saving), then the model retrained:
    did the prediction flip, how much did the test loss rise? The control moves the same images by
-   random signs of the same size (seeded ``torch.Generator``).
+   random signs of the same size (seeded ``torch.Generator``); Koh & Liang's iterative variant
+   (:func:`iterative_perturbation`) takes ``iterative_steps`` smaller steps within the same budget,
+   the map recomputed at the perturbed images after each. Two groups of test images: typical ones
+   (the first correctly classified of each class; the issue's keys) and those with the smallest
+   margins (the easiest to flip), each with its own flip rates and mean loss changes.
 
 Pixel space: u in [0, 255]; the model sees x = 2u/255 - 1, so dx/du = 2/255 and a step of ``s``
 levels moves x by ``2s/255``. Every retrain is cached (one entry per run, resumable).
@@ -71,6 +75,8 @@ class PerturbationConfig:
     k_images: int = 5  # training images perturbed per attacked test image: its most helpful
     epsilon: int = 8  # the attack's L-infinity budget in pixel levels (8/255)
     seed: int = 0  # seeds the random-sign control (a torch.Generator)
+    iterative_steps: int = 4  # Koh & Liang's iterative variant: this many steps of epsilon / steps, the map
+    # recomputed at the perturbed images after each, kept within the epsilon ball (0: not run)
     solver: str = "fast"  # the engine's solver for scores and maps (the default for many test images)
     solver_settings: dict = field(default_factory=lambda: dict(DEFAULT_SOLVER_SETTINGS["fast"]))
     damping: float | None = None  # lambda of the solver; None: 1 / retrain.horizon (as the network leave-one-out)
@@ -93,6 +99,8 @@ class PerturbationConfig:
             raise ValueError(f"k_images must be 1..5 (the issue's budget), got {self.k_images}")
         if not 1 <= self.epsilon <= PIXEL_LEVELS or int(self.epsilon) != self.epsilon:
             raise ValueError(f"epsilon must be a whole number of pixel levels in 1..255, got {self.epsilon}")
+        if self.iterative_steps < 0 or (self.iterative_steps and self.epsilon % self.iterative_steps):
+            raise ValueError(f"iterative_steps must be >= 0 and divide epsilon={self.epsilon}, got {self.iterative_steps}")
         if self.n_attack_per_class < 1 or self.n_low_margin < 0:
             raise ValueError("n_attack_per_class must be >= 1 and n_low_margin >= 0")
         if self.damping is None:
@@ -129,6 +137,24 @@ def normalised_delta(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     from ..study.data import normalize_uint8
 
     return normalize_uint8(new) - normalize_uint8(old)
+
+
+def iterative_perturbation(model, stest: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, n_train: int,
+                           epsilon: int, steps: int) -> torch.Tensor:
+    """Koh & Liang's iterative attack: ``steps`` steps of ``epsilon // steps`` levels along the sign of
+    the map at the current images (``stest`` (1, P) held fixed), each clipped to the ``epsilon`` ball
+    around the original uint8 ``images`` (k, H, W, 3) and to [0, 255]. Returns uint8 images."""
+    from ..engine.perturbation import perturbation_influence
+    from ..study.data import normalize_uint8
+
+    low = (images.to(torch.int32) - epsilon).clamp(min=0)
+    high = (images.to(torch.int32) + epsilon).clamp(max=PIXEL_LEVELS)
+    current = images
+    for _ in range(steps):
+        maps = perturbation_influence(model, stest, normalize_uint8(current), labels, n_train)[0]  # (k, 3, H, W)
+        moved = perturb_pixels(current, to_pixel_layout(maps), epsilon // steps).to(torch.int32)
+        current = torch.minimum(torch.maximum(moved, low), high).to(torch.uint8)
+    return current
 
 
 # -- choosing test images ------------------------------------------------------------------
@@ -252,6 +278,10 @@ def run_perturbation(data, config: PerturbationConfig | None = None, cache_dir: 
                        "predicted_random": float((maps * normalised_delta(noisy, old)).sum()),
                        "score_sum": float(scores[pos[t], helpful].sum()), "poisoned": poisoned, "noisy": noisy})
         runs += [(f"attack:{t}", helpful.tolist(), poisoned), (f"random:{t}", helpful.tolist(), noisy)]
+        if config.iterative_steps:  # its own cache key per step count: the one-step runs stay cached
+            stepped = iterative_perturbation(model, stest[pos[t]: pos[t] + 1], old, y[helpful], n, config.epsilon,
+                                             config.iterative_steps)
+            runs.append((f"iterative{config.iterative_steps}:{t}", helpful.tolist(), stepped))
     timings["maps_seconds"] = time.perf_counter() - t0 - timings["scores_seconds"]
 
     settings = {"experiment": "perturbation", "checkpoint": file_sha256(ckpt), "data_source": data.source,
@@ -282,10 +312,11 @@ def run_perturbation(data, config: PerturbationConfig | None = None, cache_dir: 
     pred = np.array([p["predicted"] for p in pairs])
     pred_diff = np.array([p["predicted_score_difference"] for p in pairs])
     actual = np.array([p["actual"] for p in pairs])
+    kinds = ("attack", "random") + (("iterative",) if config.iterative_steps else ())
     for a in attack:
         i, label = pos[a["test_index"]], int(y_test_all[a["test_index"]])
-        for kind in ("attack", "random"):
-            run = cache[f"{kind}:{a['test_index']}"]
+        for kind in kinds:
+            run = cache[f"{kind}:{a['test_index']}".replace("iterative:", f"iterative{config.iterative_steps}:")]
             a[f"{kind}_loss_change"] = run["loss"][i] - control["loss"][i]
             a[f"{kind}_flipped"] = run["pred"][i] != label
             a[f"{kind}_pred"] = run["pred"][i]
@@ -296,7 +327,7 @@ def run_perturbation(data, config: PerturbationConfig | None = None, cache_dir: 
         if not rows:
             continue
         groups[name] = {"n": len(rows)}
-        for kind in ("attack", "random"):
+        for kind in kinds:
             flip, change = _rates([a[f"{kind}_loss_change"] for a in rows], [a[f"{kind}_flipped"] for a in rows])
             groups[name][f"{kind}_flip_rate"], groups[name][f"{kind}_loss_change"] = flip, change
         groups[name]["attack_beats_random"] = int(sum(a["attack_loss_change"] > a["random_loss_change"] for a in rows))

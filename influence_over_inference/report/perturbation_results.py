@@ -57,7 +57,10 @@ def attack_sentences(result) -> list[str]:
         out.append(f"Attack on {g['n']} {names.get(name, name)}: moving each one's {result['k_images']} most helpful "
                    f"training images by at most {eps}/255 per pixel flipped {_pct(g['attack_flip_rate'])} of the "
                    f"predictions (random signs of the same size: {_pct(g['random_flip_rate'])}); mean test-loss "
-                   f"change {g['attack_loss_change']:+.3f} (random {g['random_loss_change']:+.3f}).")
+                   f"change {g['attack_loss_change']:+.3f} (random {g['random_loss_change']:+.3f})."
+                   + (f" Iterated ({s.get('iterative_steps')} steps, the map recomputed after each): flipped "
+                      f"{_pct(g['iterative_flip_rate'])}, change {g['iterative_loss_change']:+.3f}."
+                      if "iterative_flip_rate" in g else ""))
     return out
 
 
