@@ -333,3 +333,9 @@ def test_s_test_checks_test_labels_against_the_models_classes():
     with pytest.raises(ValueError, match=r"test data: labels must lie in \[0, 10\), found 3\.\.10"):
         s_test(model, x[:2], torch.tensor([3, 10]), solver)
     assert s_test(model, x[:2], torch.tensor([3, 9]), solver).shape == (2, solver.n_params)
+    with pytest.raises(ValueError, match=re.escape("fit the solver first: solver.fit(model, train_x, train_y, weight_decay)")):
+        s_test(model, x[:2], y[:2], make_solver("exact"))
+    last = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc3"])
+    assert torch.equal(s_test(model, x[:2], y[:2], last, layers=["fc3"]), s_test(model, x[:2], y[:2], last))
+    with pytest.raises(ValueError, match=r"vectors must have shape \(K, \d+\)"):  # layers the solver was not fitted on
+        s_test(model, x[:2], y[:2], solver, layers=["fc3"])
