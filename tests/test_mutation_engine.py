@@ -353,5 +353,12 @@ def test_influence_takes_precomputed_s_test_and_casts_float32_test_images():
     assert one.shape == (1, 12) and torch.allclose(one[0], want[1], atol=EXACT, rtol=0)
     with pytest.raises(ValueError, match=rf"stest must have shape \(K, {solver.n_params}\), got \(3, {solver.n_params - 1}\)"):
         influence(model, None, None, split, solver, stest=stest[:, 1:])
+    fresh = make_solver("exact")  # nimarb's or another solver's s_test: this one need not be fitted
+    assert torch.allclose(influence(model, None, None, split, fresh, stest=stest), want, atol=EXACT, rtol=0)
+    last = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc3"])  # 40 parameters
+    on_last = influence(model, None, None, split, last, stest=s_test(model, x[:3], y[:3], last))
+    assert torch.allclose(on_last, influence(model, x[:3], y[:3], split, last), atol=EXACT, rtol=0)
+    with pytest.raises(ValueError, match=r"stest must have shape \(K, 40\), got \(3, 39\)"):
+        influence(model, None, None, split, last, stest=torch.zeros(3, 39, dtype=torch.float64))
     as32 = s_test(model, x[:3].float(), y[:3], solver)  # float32 images, float64 model: cast, same answer
     assert as32.dtype == torch.float64 and torch.allclose(as32, stest, atol=1e-6 * float(stest.abs().max()), rtol=0)
