@@ -34,6 +34,10 @@ EQUIVALENT = {
 # is not in the mutation run's test selection; they count as survivors
 DISTRIBUTED_ONLY = "changes only the torch.distributed path (world size > 1); not in the mutation run's tests"
 DISTRIBUTED = {f"influence_over_inference.engine.scores.x_self_influence__mutmut_{i}" for i in (8, 9, 12, 60, 61, 64, 65)}
+# survivors that change only where the model lives on a GPU (a device argument dropped); they count as
+# survivors
+DEVICE_ONLY = "changes only where the model is on a GPU: a CPU-only run cannot see it (cuda-marked tests are skipped here)"
+DEVICE = {f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i in (34, 36, 38)}
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
@@ -55,7 +59,7 @@ def summarise(mutants: Path, minutes: float | None) -> dict:
                 reason = EQUIVALENT.get(name)
                 row["equivalent" if reason else "survived"] += 1
                 why = reason or ("no selected test calls the mutated function" if code == NO_TESTS else
-                                 DISTRIBUTED_ONLY if name in DISTRIBUTED else "")
+                                 DISTRIBUTED_ONLY if name in DISTRIBUTED else DEVICE_ONLY if name in DEVICE else "")
                 row["survivors"].append({"mutant": name, "equivalent": bool(reason), "reason": why})
             else:
                 row["other"] += 1
