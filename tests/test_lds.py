@@ -145,3 +145,28 @@ def test_test_images_are_class_balanced_and_subsets_are_halves():
     assert np.bincount(labels[idx].numpy(), minlength=10).tolist() == [5] * 10
     assert subset_mask(1000, 0.5, 3).sum() == 500
     assert not np.array_equal(subset_mask(1000, 0.5, 3), subset_mask(1000, 0.5, 4))
+
+
+def test_minutes_count_the_subset_models_and_each_method_once():
+    from influence_over_inference.experiments.lds_run import total_minutes
+
+    result = {"n_subsets": 50, "subset_model_minutes_mean": 1.2, "methods": {
+        "fast": {"computed": True, "seconds": 120.0, "settings": {}},
+        "fast_v1": {"computed": True, "seconds": 120.0, "settings": {"same_as": "fast"}},  # the same scores: not twice
+        "trak_1": {"computed": False, "reason": "failed"},
+        "random": {"computed": True, "seconds": 60.0}}}
+    assert total_minutes(result) == pytest.approx(50 * 1.2 + 3.0)
+
+
+def test_a_new_method_is_scored_from_the_committed_outputs_without_retraining(tmp_path):
+    from influence_over_inference.experiments.lds_run import _solver_key, previous_outputs
+
+    arrays = tmp_path / "lds.npz"
+    np.savez(arrays, test_indices=np.array([3, 5, 9]), subsets=np.arange(4), margins=np.ones((4, 3), np.float32),
+             losses=np.zeros((4, 3), np.float32))
+    got = previous_outputs(arrays, np.array([3, 5, 9]))
+    assert got["margins"].shape == (4, 3) and list(got["subsets"]) == [0, 1, 2, 3]
+    assert previous_outputs(arrays, np.array([3, 5, 8])) is None  # other test images: not reused
+    assert previous_outputs(tmp_path / "absent.npz", np.array([3])) is None
+    assert _solver_key("fast") != _solver_key("fast_v1")  # a new default is a new scores cache entry
+    assert _solver_key("grad_dot") == ""

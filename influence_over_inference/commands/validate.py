@@ -43,6 +43,9 @@ def register(subparsers) -> None:
                         "trak_1 cg lissa nimarb)")
     p.add_argument("--cached-only", action="store_true",
                    help="lds only: score only methods whose scores are cached (others reported as not computed)")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="lds only: train no subset model; score against the models on disk or, where there are none, "
+                        "the subset models' margins and losses in --arrays (results/lds.npz) from an earlier run")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -123,7 +126,8 @@ def _cmd_lds(args, data) -> int:
 
     config = LDSConfig(**_overrides(args.set))
     worker, workers = (int(v) for v in args.worker.split("/"))
-    retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
+    if not args.no_retrain:
+        retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
     if args.retrain_only:
         print(f"worker {worker}/{workers}: subset models done")  # noqa: T201 (CLI output)
         return 0
