@@ -200,3 +200,21 @@ def test_a_fast_ensemble_averages_its_members_and_caches_each(tmp_path):
     assert described["n_models"] == 2 and len(members) == 2 and scores.shape == (4, 20)
     np.testing.assert_allclose(scores, (members[0].astype(np.float64) + members[1]) / 2, rtol=1e-6)
     assert m.ensemble_members(data, checkpoint, 2, tmp_path / "ens") == paths  # cached: not retrained
+
+
+def test_minutes_count_the_subset_models_and_each_method_once():
+    from influence_over_inference.experiments.lds_run import total_minutes
+
+    result = {"n_subsets": 50, "subset_model_minutes_mean": 1.2, "methods": {
+        "fast": {"computed": True, "seconds": 120.0, "settings": {}},
+        "fast_v1": {"computed": True, "seconds": 120.0, "settings": {"same_as": "fast"}},  # the same scores: not twice
+        "trak_1": {"computed": False, "reason": "failed"},
+        "random": {"computed": True, "seconds": 60.0}}}
+    assert total_minutes(result) == pytest.approx(50 * 1.2 + 3.0)
+
+
+def test_a_new_default_is_a_new_scores_cache_entry():
+    from influence_over_inference.experiments.lds_run import _solver_key
+
+    assert _solver_key("fast") != _solver_key("fast_v1")  # a new default is not served the old default's scores
+    assert _solver_key("grad_dot") == ""

@@ -44,6 +44,9 @@ def register(subparsers) -> None:
                         "trak_1 cg lissa nimarb)")
     p.add_argument("--cached-only", action="store_true",
                    help="lds only: score only methods whose scores are cached (others reported as not computed)")
+    p.add_argument("--no-retrain", action="store_true",
+                   help="lds only: train no subset model; score against the models on disk or, where there are none, "
+                        "the subset models' margins and losses in --arrays (results/lds.npz) from an earlier run")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -129,9 +132,10 @@ def _cmd_lds(args, data) -> int:
     out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
     arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
-    if previous_run(out, arrays, config, data.source, test_idx) is None or args.retrain_only:
+    stored = previous_run(out, arrays, config, data.source, test_idx) is not None
+    if args.retrain_only or not (args.no_retrain or stored):
         retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
-    else:  # the earlier run's stored subset outputs stand in for the models: nothing to retrain
+    elif stored:  # the earlier run's stored subset outputs stand in for the models: nothing to retrain
         print(f"subset outputs: {arrays} (from the earlier run in {out}; no retraining)")  # noqa: T201 (CLI output)
     if args.retrain_only:
         print(f"worker {worker}/{workers}: subset models done")  # noqa: T201 (CLI output)

@@ -30,10 +30,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FastSettings:
-    damping: float = 0.01  # lambda: extra damping added to GGN + weight_decay I
+    damping: float = 0.1  # lambda: extra damping added to GGN + weight_decay I (issue 9's sweep: 0.01 ranks less stably)
     rank: int = 500  # number of top GGN eigenpairs kept per fit (at most n_samples * n_classes)
     n_samples: int = 500  # training examples per fit whose per-class gradients form the GGN factor
-    n_fits: int = 1  # independent fits on disjoint seeded subsamples; their inverses are averaged (seed stability)
+    n_fits: int = 8  # independent fits on disjoint seeded subsamples; their inverses are averaged (seed stability)
     eigh_iters: int = 4  # subspace iterations of the randomized eigensolver; 0 = exact eigh of the Gram
     seed: int = 0  # seeds the subsamples (and the randomized eigensolver)
     chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
@@ -50,32 +50,39 @@ class FastSettings:
 
 
 class FastSolver(InverseHVP):
-    """Top-``rank`` eigenpairs of the Gauss-Newton matrix, exact inverse on them, ``1/(wd + damping)`` elsewhere.
+    """Top-``rank`` eigenpairs of the Gauss-Newton matrix, exact inverse on them, ``1/(wd + damping)`` elsewhere,
+    averaged over ``n_fits`` independent subsamples.
 
     The GGN of softmax cross-entropy factorises per example: ``sum_c p_c g(c) g(c)^T`` with
-    ``g(c)`` the gradient for label ``c`` (:func:`..gradients.class_gradients`). ``fit`` streams
+    ``g(c)`` the gradient for label ``c`` (:func:`..gradients.class_gradients`). Each fit streams
     these rows over a seeded subsample of ``n_samples`` training images into a factor
-    ``G`` (n_samples * C, P) with ``GGN ~= G^T G`` and keeps its top ``rank`` eigenpairs
-    ``U diag(e) U^T``. Then, with ``d = weight_decay + damping``::
+    ``G_f`` (n_samples * C, P) with ``GGN ~= G_f^T G_f`` and keeps its top ``rank`` eigenpairs
+    ``U_f diag(e_f) U_f^T`` (Gram matrix and eigendecomposition in float64). The ``n_fits``
+    subsamples are disjoint slices of one seeded permutation, and their inverses are averaged:
+    with ``d = weight_decay + damping``::
 
-        (G^T G + d I)^{-1} v  ~=  U diag(1 / (e + d)) U^T v  +  (v - U U^T v) / d
+        H^{-1} v  ~=  v / d  +  (1/F) sum_f U_f diag(1/(e_f + d) - 1/d) U_f^T v
 
-    for any number of vectors at the cost of two (K, P) x (P, rank) products; self-influence of
-    every training image needs only its products with the ``rank`` basis vectors.
+    for any number of vectors at the cost of two (K, P) x (P, F rank) products (s_test is linear
+    in the inverse, so averaging costs fits, not scoring); self-influence of every training image
+    needs only its products with the ``F rank`` basis vectors (:meth:`basis`).
 
-    Measured (``python bench/fast_design.py``; bench/results/fast_design.json): on the
-    CIFAR-trained 3,702-parameter LeNet (2,000 training images, the benchmark's small net),
-    against exact influence with the explicit damped GGN, mean per-test-image Pearson is 0.9995
-    at damping 0.01 (0.992 at 0.001) from 250 sampled images at any rank >= 20, against 0.82
-    (0.37) for the plain gradient dot product; adding the rest-of-spectrum diagonal (Woodbury)
-    changed nothing. That net's GGN is small (top eigenvalue 0.029), an easy case. The limits:
-    accuracy is set by how well ``n_samples`` images represent the GGN, not by ``rank``. On a
-    tiny conv net that memorises its 300 training images (tests/test_solvers.py), 100 sampled
-    images give Pearson ~0.5 (gradient dot product 0.27) while all 300 give 0.9997. On the real
-    CNN (top GGN eigenvalue ~25-31, ~770 of the top 1,000 above 0.01) the scores from two
-    independently drawn 200-image subsamples agree at Spearman ~0.75 (0.80 at damping 0.1), and
-    200 vs 400 images at ~0.84: the subsample is the approximation. Raise ``n_samples`` (memory
-    n*C*P floats) where accuracy matters more than time.
+    Why these defaults (issue 9; ``python bench/fast_design_cnn.py``, bench/results/fast_design.json
+    ``cnn_sweep``): on the real CNN (top GGN eigenvalue ~31, the 500th ~0.19), two fits that differ
+    only in their seed agree, over all 50,000 training images (mean of 10 test images), at
+    Spearman 0.60 with one 500-image fit at damping 0.01 (the earlier default; 6.9 and 6.8 of
+    their top-10 helpful and harmful shared), 0.84 with 4 fits and 0.90 with 8; damping raises it
+    further (8 fits: 0.925 at 0.1, 0.948 at 0.3), 1,000 images per fit does not (4 fits: 0.83).
+    The LDS against 50 retrained halves (500 test images, ``results/lds.npz``) moves less: 0.060
+    (one fit, 0.01), 0.066 (8 fits, 0.01), 0.063 (8 fits, 0.1), 0.060 (8 fits, 0.3), 0.068
+    (4 fits of 1,000 images, 0.01); kronfluence's EK-FAC 0.070, gradient dot product 0.023. The
+    default, 8 fits of 500 images at damping 0.1, is the trade-off: Spearman 0.925, 9.05 of 10
+    top-10 images shared, LDS 0.063, at 8 times one fit's cost and 8 x 124 MB of basis.
+    An isotropic model of the rest of the spectrum (``1/(d + c)`` outside the span instead of
+    ``1/d``) lowered the LDS for every ``c`` tried. Where the model is small, ``n_samples`` at
+    least the training set gives one fit on all of it, exact for the GGN at full rank
+    (tests/test_solvers.py). On the benchmark's 3,702-parameter net see ``small_net_pearson``
+    in the same JSON.
     """
 
     name = "fast"
@@ -112,7 +119,8 @@ class FastSolver(InverseHVP):
         """Factor pieces of the subsample ``idx``, their Gram matrix, its top eigenpairs, the basis.
 
         The Gram matrix and its eigendecomposition are in float64 (the pieces are promoted), so the
-        fit does not move with the BLAS thread count or the number of processes.
+        fit does not move with the BLAS thread count or the number of processes (near-equal
+        eigenvalues make a float32 eigendecomposition thread-dependent); the basis is in the model's dtype.
         Under ``torch.distributed`` (:mod:`..distributed`) each rank computes the pieces of its
         share of the subsample (in whole chunks), the pieces are all-gathered, each rank forms
         its rows of the Gram matrix and its part of the basis sum, and both are all-reduced;
@@ -124,13 +132,14 @@ class FastSolver(InverseHVP):
         local = self._factor_parts(idx[mine] if len(mine) else idx[:1])
         if not len(mine):  # a rank without examples: shapes from one example, no rows
             local = {name: (kind, *(t[:0] for t in ts)) for name, (kind, *ts) in local.items()}
-        parts = {name: (kind, *(all_gather_rows(t, m, s.chunk_size).double() for t in ts)) for name, (kind, *ts) in local.items()}
+        parts = {name: (kind, *(all_gather_rows(t, m, s.chunk_size) for t in ts)) for name, (kind, *ts) in local.items()}
+        parts64 = {name: (kind, *(t.double() for t in ts)) for name, (kind, *ts) in parts.items()}
         n_classes = next(iter(parts.values()))[1].shape[1]
         rows_mine = (mine[:, None] * n_classes + torch.arange(n_classes)).reshape(-1)  # rows of the factor this rank owns
         gram = torch.zeros(m * n_classes, m * n_classes, dtype=torch.float64, device=self.device)
         for b0 in range(0, len(mine), s.chunk_size):  # in whole chunks: the same products in any number of processes
             block = mine[b0 : b0 + s.chunk_size]
-            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device)] = _gram_rows(parts, block.to(self.device))
+            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device)] = _gram_rows(parts64, block.to(self.device))
         gram = all_reduce_sum(gram) / m  # Gram of factor = rows / sqrt(m)
         evals = evecs = None
         if is_main():
@@ -139,8 +148,8 @@ class FastSolver(InverseHVP):
             evals, evecs = evals[nonzero], evecs[:, nonzero]
         evals, evecs = broadcast_from_main(evals, evecs)
         coef = evecs / (evals.sqrt() * math.sqrt(m))  # (m*C, r): U = rows^T coef
-        basis = all_reduce_sum(_basis(parts, coef, mine.to(self.device)))  # (P, r), orthonormal columns
-        return evals.to(self.dtype), basis.to(self.dtype)
+        basis = all_reduce_sum(_basis(parts, coef.to(self.dtype), mine.to(self.device)))  # (P, r), orthonormal columns
+        return evals.to(self.dtype), basis
 
     def _factor_parts(self, idx: torch.Tensor) -> dict:
         """Per-class gradient pieces of the examples ``idx``: ``{name: ("outer", g (B, C, out), a (B, in)) | ("rows", (B, C, k))}``.
