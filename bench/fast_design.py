@@ -10,6 +10,10 @@ GGN over all 2,000 images, in float64. Candidates (all from ``n_samples`` seeded
 - ``grad_dot``: no curvature (reference point).
 
 Usage: ``python bench/fast_design.py [--n-test 20] [--out bench/results/fast_design.json]``
+
+The real CNN's sweep (n_fits, damping, n_samples: seed stability and LDS; issue 9) is
+``bench/fast_design_cnn.py``; it writes the ``cnn_sweep`` and ``small_net_pearson`` sections of the
+same JSON, which this script keeps.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from influence_over_inference.engine.gradients import grad_z
 from influence_over_inference.study.data import load_cifar10
 from influence_over_inference.study.model import Net
 from influence_over_inference.study.training import TrainConfig, train
+
+OTHER_SECTIONS = ("cnn_sweep", "small_net_pearson")  # written by bench/fast_design_cnn.py
 
 
 def pearson_rows(a, b):
@@ -109,8 +115,10 @@ def main(argv=None):
                 av = g_test * a_inv
                 s2 = av - (torch.linalg.solve(inner, (av @ u).T).T @ u.T) * a_inv
                 record("lowrank+diag", s2 @ g_train.T / n, n_samples=m, rank=rank)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = {k: v for k, v in json.loads(out.read_text()).items() if k in OTHER_SECTIONS} if out.exists() else {}
+    out.write_text(json.dumps({**results, **kept}, indent=1))  # the real-CNN sections of fast_design_cnn.py stay
 
 
 if __name__ == "__main__":

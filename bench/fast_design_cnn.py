@@ -170,6 +170,15 @@ def small_net_pearson(settings_list: list[dict], threads: int = 1) -> dict:
             "weight_decay": tc.weight_decay, "reference": "explicit damped GGN, float64", "rows": rows}
 
 
+def with_default_key(section: dict) -> dict:
+    """Adds ``pearson_default_vs_exact_small``: the row of the default settings (``{}``), at the default damping."""
+    for row in section["rows"]:
+        if set(row) <= {k for k in row if k.startswith("pearson")}:  # no overrides: the defaults
+            section["pearson_default_vs_exact_small"] = row[f"pearson_at_{FastSettings().damping}"]
+            section["default_settings"] = FastSolver(FastSettings()).describe()
+    return section
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[500, 1000], help="n_samples values")
@@ -185,8 +194,8 @@ def main(argv=None):
     if args.small is not None:
         out = Path(args.out)
         doc = json.loads(out.read_text()) if out.exists() else {}
-        doc["small_net_pearson"] = {"command": "python bench/fast_design_cnn.py --small '<settings>'",
-                                    **small_net_pearson(json.loads(args.small), args.threads)}
+        doc["small_net_pearson"] = with_default_key({"command": "python bench/fast_design_cnn.py --small '<settings>'",
+                                                     **small_net_pearson(json.loads(args.small), args.threads)})
         write_json_atomic(doc, out)
         return
     data = load_cifar10(root=str(ROOT / "data"))
@@ -283,7 +292,8 @@ def main(argv=None):
         "threads": args.threads,
         "notes": "seed stability: fits seeded 0 vs 1, scores over all training images of 10 seeded LDS test images; "
                  "LDS: margin, 500 LDS test images, 50 retrained halves (results/lds.npz), 95% bootstrap CI; "
-                 "fit_s: seconds per fit x n_fits, one thread under load (not a benchmark); basis_mb: P x rank x n_fits float32.",
+                 "fit_s: seconds per fit x n_fits, one thread under load (not a benchmark); basis_mb: P x rank x n_fits float32; "
+                 "peak_rss_mb: this invocation's (the first run, which computed the fits, peaked at 4.2 GB with 1,000-image fits).",
         "rows": results,
         "isotropic_rest_lds": rest,
     }

@@ -11,7 +11,7 @@ NOT_COMPUTED = "not computed"
 
 
 # Solver settings worth a mention on a slide, in this order (the rest stay in the results file).
-SOLVER_KEYS = ("curvature", "damping", "rank", "n_samples", "scale", "depth", "r", "batch_size",
+SOLVER_KEYS = ("curvature", "damping", "rank", "n_samples", "n_fits", "scale", "depth", "r", "batch_size",
                "tol", "max_iter")
 
 

@@ -81,8 +81,10 @@ class FastSolver(InverseHVP):
     An isotropic model of the rest of the spectrum (``1/(d + c)`` outside the span instead of
     ``1/d``) lowered the LDS for every ``c`` tried. Where the model is small, ``n_samples`` at
     least the training set gives one fit on all of it, exact for the GGN at full rank
-    (tests/test_solvers.py). On the benchmark's 3,702-parameter net see ``small_net_pearson``
-    in the same JSON.
+    (tests/test_solvers.py). On the benchmark's 3,702-parameter conv net (2,000 training images,
+    so 8 fits of 250), against exact influence from the explicit damped GGN (float64, mean over
+    20 test images): Pearson 0.987 at the default damping 0.1 and 0.916 at 0.01, against 0.817
+    for the old default at 0.01 (``small_net_pearson`` in the same JSON).
     """
 
     name = "fast"
