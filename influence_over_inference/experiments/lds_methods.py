@@ -204,6 +204,7 @@ def ensemble_members(data, checkpoint, k: int, cache_dir) -> list:
 
 def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray, dict]:
     """The default fast solver on each model, scores averaged (as TRAK averages over models); each member cached."""
+    import hashlib
     from pathlib import Path
 
     from ..engine.hashing import file_sha256
@@ -216,8 +217,8 @@ def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray,
     for path in paths:
         model, meta = load_checkpoint(path)
         accuracies.append(meta.get("test_accuracy"))
-        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast").describe(),
-                            "test": settings_key([x.sum().item(), y.tolist()])})
+        test = hashlib.sha256(x.contiguous().numpy().tobytes() + y.contiguous().numpy().tobytes()).hexdigest()
+        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast").describe(), "test": test})
         member = Path(cache_dir) / f"fast-member-{key}.npz"
         if member.exists():
             scores = np.load(member)["scores"]
