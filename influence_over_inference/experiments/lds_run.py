@@ -59,7 +59,12 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         return m.random_scores(len(y), len(train))
     if name == "kronfluence_ekfac":
         return m.kronfluence_scores(model, wd, train, x, y, work / "kronfluence")
-    if name == "trak_1":
+    if name.startswith("trak_"):  # trak_<k>: TRAK over the checkpoint and k-1 models of other seeds (as fast_ens<k>)
+        k = int(name.removeprefix("trak_"))
+        if k > 1:
+            from ..study.checkpoints import load_checkpoint
+
+            model = [load_checkpoint(p)[0] for p in m.ensemble_members(data, checkpoint, k, work.parent / "ensemble")]
         return m.trak_scores(model, train, x, y, work / "trak")
     if name == "cg":
         return m.solver_scores("cg", m.CG_SETTINGS, model, wd, train, x, y)
@@ -67,7 +72,7 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         return m.lissa_scores(model, wd, train, x, y)
     if name == "nimarb":
         return m.nimarb_scores(model, train, x, y)
-    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS} or fast_ens<k>")
+    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}, fast_ens<k> or trak_<k>")
 
 
 def _solver_key(name: str) -> str:
