@@ -208,8 +208,9 @@ def ensemble_members(data, checkpoint, k: int, cache_dir) -> list:
     return paths
 
 
-def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray, dict]:
-    """The default fast solver on each model, scores averaged (as TRAK averages over models); each member cached."""
+def fast_ensemble_scores(paths, wd, train, x, y, cache_dir, settings: dict | None = None) -> tuple[np.ndarray, dict]:
+    """The fast solver (its defaults, or ``settings``) on each model, scores averaged (as TRAK averages over
+    models); each member cached."""
     import hashlib
     from pathlib import Path
 
@@ -224,15 +225,17 @@ def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray,
         model, meta = load_checkpoint(path)
         accuracies.append(meta.get("test_accuracy"))
         test = hashlib.sha256(x.contiguous().numpy().tobytes() + y.contiguous().numpy().tobytes()).hexdigest()
-        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast").describe(), "test": test})
+        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast", **(settings or {})).describe(),
+                            "test": test})
         member = Path(cache_dir) / f"fast-member-{key}.npz"
         if member.exists():
             scores = np.load(member)["scores"]
         else:
-            scores, _ = solver_scores("fast", {}, model.eval(), wd, train, x, y)
+            scores, _ = solver_scores("fast", settings or {}, model.eval(), wd, train, x, y)
             save_npz_atomic(member, scores=scores.astype(np.float32))
         total = scores.astype(np.float64) if total is None else total + scores
     return (total / len(paths)).astype(np.float32), {
-        "solver": make_solver("fast").describe(), "n_models": len(paths), "combine": "mean of the members' scores",
+        "solver": make_solver("fast", **(settings or {})).describe(), "n_models": len(paths),
+        "combine": "mean of the members' scores",
         "members": "the checkpoint (seed 0) and the default recipe with seeds 1..k-1",
         "member_test_accuracy": accuracies}

@@ -47,9 +47,10 @@ OUR_FAST = {"fast": {}, "fast_v1": FAST_V1}  # the fast solver's settings per me
 def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoint=None):
     from . import lds_methods as m
 
-    if name.startswith("fast_ens"):  # fast_ens<k>: the default solver averaged over k independently trained models
-        paths = m.ensemble_members(data, checkpoint, int(name.removeprefix("fast_ens")), work.parent / "ensemble")
-        return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble")
+    if name.startswith(("fast_ens", "fast_v1_ens")):  # fast[_v1]_ens<k>: averaged over k independently trained models
+        base, k = name.split("_ens")
+        paths = m.ensemble_members(data, checkpoint, int(k), work.parent / "ensemble")
+        return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble", OUR_FAST[base])
 
     if name in OUR_FAST:
         return m.solver_scores("fast", OUR_FAST[name], model, wd, train, x, y)
@@ -72,7 +73,7 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         return m.lissa_scores(model, wd, train, x, y)
     if name == "nimarb":
         return m.nimarb_scores(model, train, x, y)
-    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}, fast_ens<k> or trak_<k>")
+    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}, fast_ens<k>, fast_v1_ens<k> or trak_<k>")
 
 
 def _solver_key(name: str) -> str:
