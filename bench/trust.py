@@ -260,8 +260,17 @@ def plan(cfg: TrustConfig) -> list[tuple[str, int, int]]:
 
 
 def estimate_s(jobs) -> float:
-    """Rough wall seconds on the idle machine (2 threads counted as 1: a lower bound on the estimate's error)."""
-    return float(sum(ESTIMATE_S[name] for name, _, _ in jobs))
+    """Rough wall seconds on the idle machine (2 threads counted as 1: an overestimate).
+
+    The default solver's fit scales with its fits and sampled images (12.4 s for one fit of 500
+    images, issue 9); stability makes two fits and scores 10 test images.
+    """
+    from influence_over_inference.engine.solvers.fast import FastSettings
+
+    fast = FastSettings()
+    fit = 12.4 * getattr(fast, "n_fits", 1) * fast.n_samples / 500
+    extra = {"t100": fit - 12.4, "stability": 2 * (fit - 12.4)}
+    return float(sum(ESTIMATE_S[name] + extra.get(name, 0.0) for name, _, _ in jobs))
 
 
 def _key(cfg: TrustConfig) -> str:

@@ -218,3 +218,22 @@ def test_a_new_default_is_a_new_scores_cache_entry():
 
     assert _solver_key("fast") != _solver_key("fast_v1")  # a new default is not served the old default's scores
     assert _solver_key("grad_dot") == ""
+
+
+def test_trak_runs_on_the_cpu_for_one_model_and_an_ensemble(tmp_path):
+    """traker 0.3.2's two CPU traps (no experiments.json; the projector freed before scoring) stay avoided."""
+    from test_validation import tiny_data
+
+    from influence_over_inference.experiments.lds_methods import trak_scores
+    from influence_over_inference.study.model import Net
+
+    data = tiny_data(n_train_per_class=12, n_test=3)
+    torch.manual_seed(0)
+    a, b = Net(channels=(2, 2), hidden=(8, 8)), Net(channels=(2, 2), hidden=(8, 8))
+    x, y = data.test.tensors()
+    one, described = trak_scores(a, data.train, x, y, tmp_path / "trak", proj_dim=16, batch=50)
+    assert one.shape == (3, 120) and np.isfinite(one).all() and described["n_models"] == 1
+    again, _ = trak_scores(a, data.train, x, y, tmp_path / "trak", proj_dim=16, batch=50)  # a used save_dir
+    np.testing.assert_allclose(again, one, rtol=1e-5, atol=1e-7)
+    two, described = trak_scores([a, b], data.train, x, y, tmp_path / "trak", proj_dim=16, batch=50)
+    assert two.shape == (3, 120) and np.isfinite(two).all() and described["n_models"] == 2

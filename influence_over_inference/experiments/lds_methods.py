@@ -100,11 +100,13 @@ def kronfluence_scores(model, wd, train, x, y, out_dir, damping: float = 0.01, b
     return scores.float().numpy(), {"strategy": "ekfac", "damping_factor": wd + damping, "version": "1.0.1"}
 
 
-def trak_scores(model, train, x, y, out_dir, proj_dim: int = 2048, batch: int = 500) -> tuple[np.ndarray, dict]:
-    """TRAK (traker 0.3.2) with one model, its final checkpoint, BasicProjector on the CPU (float32).
+def trak_scores(models, train, x, y, out_dir, proj_dim: int = 2048, batch: int = 500) -> tuple[np.ndarray, dict]:
+    """TRAK (traker 0.3.2) with one or more models (each its final checkpoint), BasicProjector on the CPU (float32).
 
-    The default recipe keeps no per-epoch checkpoints, so TRAK-1 here is the final model only.
-    Two traps of traker 0.3.2 on the CPU, both avoided here:
+    ``models``: a model, or a list of independently trained ones (TRAK-k: traker averages their
+    scores, each model with its own projection). The default recipe keeps no per-epoch
+    checkpoints, so each model is its final weights only. Two traps of traker 0.3.2 on the CPU,
+    both avoided here:
     - ``load_from_save_dir=False`` never creates ``experiments.json``, which
       ``start_scoring_checkpoint`` then opens for reading (FileNotFoundError); so ``out_dir`` is
       emptied and the saver loads from it (it creates the file);
@@ -119,27 +121,31 @@ def trak_scores(model, train, x, y, out_dir, proj_dim: int = 2048, batch: int = 
 
     from ..engine.params import count_selected
 
-    model = copy.deepcopy(model).eval()
-    n_params = count_selected(model, None)
+    models = [copy.deepcopy(m).eval() for m in (models if isinstance(models, (list, tuple)) else [models])]
+    n_params = count_selected(models[0], None)
     projector = BasicProjector(grad_dim=n_params, proj_dim=proj_dim, seed=0, proj_type=ProjectionType.rademacher,
                                device=torch.device("cpu"), block_size=proj_dim)
     shutil.rmtree(out_dir, ignore_errors=True)  # traker refuses a model id already registered in its save_dir
-    traker = TRAKer(model=model, task="image_classification", train_set_size=len(train), save_dir=str(out_dir),
+    traker = TRAKer(model=models[0], task="image_classification", train_set_size=len(train), save_dir=str(out_dir),
                     load_from_save_dir=True, device="cpu", projector=projector, use_half_precision=False,
                     logging_level=logging.WARNING)
-    traker.load_checkpoint(model.state_dict(), model_id=0)
     tx, ty = train.tensors()
-    for start in tqdm(range(0, len(ty), batch), desc="TRAK featurize"):
-        traker.featurize(batch=(tx[start : start + batch], ty[start : start + batch]),
-                         num_samples=len(ty[start : start + batch]))
+    for model_id, model in enumerate(models):
+        traker.load_checkpoint(model.state_dict(), model_id=model_id)
+        for start in tqdm(range(0, len(ty), batch), desc=f"TRAK featurize (model {model_id + 1}/{len(models)})"):
+            traker.featurize(batch=(tx[start : start + batch], ty[start : start + batch]),
+                             num_samples=len(ty[start : start + batch]))
     traker.finalize_features()
     projector.generate_sketch_matrix(projector.generator_states[0])  # freed by finalize_features
-    traker.start_scoring_checkpoint("lds", model.state_dict(), model_id=0, num_targets=len(y))
-    for start in range(0, len(y), batch):
-        traker.score(batch=(x[start : start + batch], y[start : start + batch]), num_samples=len(y[start : start + batch]))
-    scores = traker.finalize_scores("lds")  # (n_train, n_test)
+    for model_id, model in enumerate(models):
+        traker.start_scoring_checkpoint("lds", model.state_dict(), model_id=model_id, num_targets=len(y))
+        for start in range(0, len(y), batch):
+            traker.score(batch=(x[start : start + batch], y[start : start + batch]),
+                         num_samples=len(y[start : start + batch]))
+    scores = traker.finalize_scores("lds")  # (n_train, n_test), averaged over the models
     return np.asarray(scores, dtype=np.float32).T.copy(), {"proj_dim": proj_dim, "projector": "BasicProjector",
-                                                           "proj_type": "rademacher", "n_checkpoints": 1,
+                                                           "proj_type": "rademacher", "n_models": len(models),
+                                                           "n_checkpoints": len(models),
                                                            "checkpoint": "final model (the recipe keeps no "
                                                            "per-epoch checkpoints)", "version": "0.3.2"}
 
@@ -202,8 +208,10 @@ def ensemble_members(data, checkpoint, k: int, cache_dir) -> list:
     return paths
 
 
-def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray, dict]:
-    """The default fast solver on each model, scores averaged (as TRAK averages over models); each member cached."""
+def fast_ensemble_scores(paths, wd, train, x, y, cache_dir, settings: dict | None = None) -> tuple[np.ndarray, dict]:
+    """The fast solver (its defaults, or ``settings``) on each model, scores averaged (as TRAK averages over
+    models); each member cached."""
+    import hashlib
     from pathlib import Path
 
     from ..engine.hashing import file_sha256
@@ -216,16 +224,18 @@ def fast_ensemble_scores(paths, wd, train, x, y, cache_dir) -> tuple[np.ndarray,
     for path in paths:
         model, meta = load_checkpoint(path)
         accuracies.append(meta.get("test_accuracy"))
-        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast").describe(),
-                            "test": settings_key([x.sum().item(), y.tolist()])})
+        test = hashlib.sha256(x.contiguous().numpy().tobytes() + y.contiguous().numpy().tobytes()).hexdigest()
+        key = settings_key({"checkpoint": file_sha256(path), "solver": make_solver("fast", **(settings or {})).describe(),
+                            "test": test})
         member = Path(cache_dir) / f"fast-member-{key}.npz"
         if member.exists():
             scores = np.load(member)["scores"]
         else:
-            scores, _ = solver_scores("fast", {}, model.eval(), wd, train, x, y)
+            scores, _ = solver_scores("fast", settings or {}, model.eval(), wd, train, x, y)
             save_npz_atomic(member, scores=scores.astype(np.float32))
         total = scores.astype(np.float64) if total is None else total + scores
     return (total / len(paths)).astype(np.float32), {
-        "solver": make_solver("fast").describe(), "n_models": len(paths), "combine": "mean of the members' scores",
+        "solver": make_solver("fast", **(settings or {})).describe(), "n_models": len(paths),
+        "combine": "mean of the members' scores",
         "members": "the checkpoint (seed 0) and the default recipe with seeds 1..k-1",
         "member_test_accuracy": accuracies}

@@ -47,9 +47,10 @@ OUR_FAST = {"fast": {}, "fast_v1": FAST_V1}  # the fast solver's settings per me
 def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoint=None):
     from . import lds_methods as m
 
-    if name.startswith("fast_ens"):  # fast_ens<k>: the default solver averaged over k independently trained models
-        paths = m.ensemble_members(data, checkpoint, int(name.removeprefix("fast_ens")), work.parent / "ensemble")
-        return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble")
+    if name.startswith(("fast_ens", "fast_v1_ens")):  # fast[_v1]_ens<k>: averaged over k independently trained models
+        base, k = name.split("_ens")
+        paths = m.ensemble_members(data, checkpoint, int(k), work.parent / "ensemble")
+        return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble", OUR_FAST[base])
 
     if name in OUR_FAST:
         return m.solver_scores("fast", OUR_FAST[name], model, wd, train, x, y)
@@ -59,7 +60,12 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         return m.random_scores(len(y), len(train))
     if name == "kronfluence_ekfac":
         return m.kronfluence_scores(model, wd, train, x, y, work / "kronfluence")
-    if name == "trak_1":
+    if name.startswith("trak_"):  # trak_<k>: TRAK over the checkpoint and k-1 models of other seeds (as fast_ens<k>)
+        k = int(name.removeprefix("trak_"))
+        if k > 1:
+            from ..study.checkpoints import load_checkpoint
+
+            model = [load_checkpoint(p)[0] for p in m.ensemble_members(data, checkpoint, k, work.parent / "ensemble")]
         return m.trak_scores(model, train, x, y, work / "trak")
     if name == "cg":
         return m.solver_scores("cg", m.CG_SETTINGS, model, wd, train, x, y)
@@ -67,7 +73,7 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         return m.lissa_scores(model, wd, train, x, y)
     if name == "nimarb":
         return m.nimarb_scores(model, train, x, y)
-    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS} or fast_ens<k>")
+    raise ValueError(f"unknown method {name!r}; choose from {FAST_METHODS + SLOW_METHODS}, fast_ens<k>, fast_v1_ens<k> or trak_<k>")
 
 
 def _solver_key(name: str) -> str:
