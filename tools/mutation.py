@@ -33,11 +33,13 @@ EQUIVALENT = {
 # tests/test_distributed.py runs that path with two gloo processes, too slow to repeat per mutant, so it
 # is not in the mutation run's test selection; they count as survivors
 DISTRIBUTED_ONLY = "changes only the torch.distributed path (world size > 1); not in the mutation run's tests"
-DISTRIBUTED = {f"influence_over_inference.engine.scores.x_self_influence__mutmut_{i}" for i in (8, 9, 12, 60, 61, 64, 65)}
+DISTRIBUTED = ({f"influence_over_inference.engine.scores.x_self_influence__mutmut_{i}" for i in (8, 9, 12, 60, 61, 64, 65)}
+               | {f"influence_over_inference.engine.scores.x_influence__mutmut_{i}" for i in (52, 53, 56, 96, 97, 100, 101)})
 # survivors that change only where the model lives on a GPU (a device argument dropped); they count as
 # survivors
 DEVICE_ONLY = "changes only where the model is on a GPU: a CPU-only run cannot see it (cuda-marked tests are skipped here)"
-DEVICE = {f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i in (34, 36, 38)}
+DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i in (34, 36, 38)}
+          | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_train_tensors__mutmut_{i}" for i in (6, 8, 10)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
