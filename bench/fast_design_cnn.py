@@ -187,6 +187,7 @@ def main(argv=None):
     ap.add_argument("--eigh-iters", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--section", default="cnn_sweep", help="the JSON section written (e.g. cnn_sweep_exact_eigh)")
     ap.add_argument("--small", default=None, help="only the small net: a JSON list of FastSettings overrides")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -230,7 +231,7 @@ def main(argv=None):
                 log.info("fit m=%d seed=%d f=%d (peak RSS %.0f MB)", m, s, f, _peak_mb())
                 fits[s].append(fit_products(solvers[s], m, s, f, g_lds, g_stable, gs, cache))
         fit_seconds[str(m)] = float(np.mean([float(b["seconds"]) for s in SEEDS for b in fits[s]]))
-        for n_fits in sorted({1, 4, 8} & set(range(1, max_fits + 1))):
+        for n_fits in sorted({1, 4, 8, 16} & set(range(1, max_fits + 1))):
             for d in DAMPINGS:
                 configs.append({"n_samples": m, "n_fits": n_fits, "damping": d, "fits": {s: fits[s][:n_fits] for s in SEEDS}})
     # s_test of the stability images for every configuration and seed, then one scoring pass
@@ -240,7 +241,7 @@ def main(argv=None):
         for s in SEEDS:
             where[(id(c), s)] = len(rows)
             rows.append(g_stable / total + sum(b["corr"][str(c["damping"])] for b in c["fits"][s]) / c["n_fits"])
-    scores_path = cache / f"stability_scores-{settings_key([(c['n_samples'], c['n_fits'], c['damping']) for c in configs])}.pt"
+    scores_path = cache / f"stability_scores-{settings_key([(c['n_samples'], c['n_fits'], c['damping']) for c in configs] + [args.eigh_iters])}.pt"
     if scores_path.exists():
         scores = torch.load(scores_path, weights_only=True)
     else:
@@ -284,7 +285,7 @@ def main(argv=None):
                          **{f"{k_}_seed0": v for k_, v in lds_of(pred, margins).items()}})
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc["cnn_sweep"] = {
+    doc[args.section] = {
         "command": "python bench/fast_design_cnn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data_source": data.source, "n_train": len(data.train), "weight_decay": wd,
         "stability_test_positions": stable_pos.tolist(), "n_lds_test": len(test_idx), "n_subsets": len(subsets),
