@@ -18,8 +18,12 @@ solver's inverse is ``I/d + (1/F) sum_f U_f diag(1/(e_f + d) - 1/d) U_f^T``, a f
 the LDS, and its correction vectors to the stability test images' s_test; one final pass over
 the training gradients scores all configurations at once.
 
-Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--small]``
-(``--small``: also Pearson against exact influence on the benchmark's 3,702-parameter net).
+Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--eigh-iters 4] [--section cnn_sweep]``
+(n_fits 1, 4, 8 and 16 up to ``--fits``, per n_samples value). What was run (sections of the JSON):
+``cnn_sweep`` (the defaults above), ``cnn_sweep_exact_eigh`` (``--m 500 --fits 1 --eigh-iters 0``),
+``cnn_sweep_16_fits`` (``--m 500 --fits 16``). ``--small '[{}, {"n_fits": 1, "damping": 0.01}, ...]'``
+instead writes ``small_net_pearson``: Pearson against exact influence on the benchmark's 3,702-parameter
+net for each list entry of FastSettings overrides (``{}``: the defaults, ``pearson_default_vs_exact_small``).
 """
 
 from __future__ import annotations
