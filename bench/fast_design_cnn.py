@@ -18,8 +18,12 @@ solver's inverse is ``I/d + (1/F) sum_f U_f diag(1/(e_f + d) - 1/d) U_f^T``, a f
 the LDS, and its correction vectors to the stability test images' s_test; one final pass over
 the training gradients scores all configurations at once.
 
-Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--small]``
-(``--small``: also Pearson against exact influence on the benchmark's 3,702-parameter net).
+Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--eigh-iters 4] [--section cnn_sweep]``
+(n_fits 1, 4, 8 and 16 up to ``--fits``, per n_samples value). What was run (sections of the JSON):
+``cnn_sweep`` (the defaults above), ``cnn_sweep_exact_eigh`` (``--m 500 --fits 1 --eigh-iters 0``),
+``cnn_sweep_16_fits`` (``--m 500 --fits 16``). ``--small '[{}, {"n_fits": 1, "damping": 0.01}, ...]'``
+instead writes ``small_net_pearson``: Pearson against exact influence on the benchmark's 3,702-parameter
+net for each list entry of FastSettings overrides (``{}``: the defaults, ``pearson_default_vs_exact_small``).
 """
 
 from __future__ import annotations
@@ -187,6 +191,7 @@ def main(argv=None):
     ap.add_argument("--eigh-iters", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--section", default="cnn_sweep", help="the JSON section written (e.g. cnn_sweep_exact_eigh)")
     ap.add_argument("--small", default=None, help="only the small net: a JSON list of FastSettings overrides")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -230,7 +235,7 @@ def main(argv=None):
                 log.info("fit m=%d seed=%d f=%d (peak RSS %.0f MB)", m, s, f, _peak_mb())
                 fits[s].append(fit_products(solvers[s], m, s, f, g_lds, g_stable, gs, cache))
         fit_seconds[str(m)] = float(np.mean([float(b["seconds"]) for s in SEEDS for b in fits[s]]))
-        for n_fits in sorted({1, 4, 8} & set(range(1, max_fits + 1))):
+        for n_fits in sorted({1, 4, 8, 16} & set(range(1, max_fits + 1))):
             for d in DAMPINGS:
                 configs.append({"n_samples": m, "n_fits": n_fits, "damping": d, "fits": {s: fits[s][:n_fits] for s in SEEDS}})
     # s_test of the stability images for every configuration and seed, then one scoring pass
@@ -240,7 +245,7 @@ def main(argv=None):
         for s in SEEDS:
             where[(id(c), s)] = len(rows)
             rows.append(g_stable / total + sum(b["corr"][str(c["damping"])] for b in c["fits"][s]) / c["n_fits"])
-    scores_path = cache / f"stability_scores-{settings_key([(c['n_samples'], c['n_fits'], c['damping']) for c in configs])}.pt"
+    scores_path = cache / f"stability_scores-{settings_key([(c['n_samples'], c['n_fits'], c['damping']) for c in configs] + [args.eigh_iters])}.pt"
     if scores_path.exists():
         scores = torch.load(scores_path, weights_only=True)
     else:
@@ -284,7 +289,7 @@ def main(argv=None):
                          **{f"{k_}_seed0": v for k_, v in lds_of(pred, margins).items()}})
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
-    doc["cnn_sweep"] = {
+    doc[args.section] = {
         "command": "python bench/fast_design_cnn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data_source": data.source, "n_train": len(data.train), "weight_decay": wd,
         "stability_test_positions": stable_pos.tolist(), "n_lds_test": len(test_idx), "n_subsets": len(subsets),
