@@ -146,7 +146,7 @@ def test_fit_checks_its_inputs_and_solves_the_damped_system():
         make_solver("exact").quadratic_form(v)
     with pytest.raises(ValueError, match=r"vectors must have shape \(K, 18\) \(one row per test gradient\), got \(2, 3, 18\)"):
         exact.inverse_hvp(torch.zeros(2, 3, 18, dtype=torch.float64))
-    with pytest.raises(ValueError, match="vectors contain NaN or inf"):
+    with pytest.raises(ValueError, match=r"^vectors contain NaN or inf; check the test inputs and the model's loss$"):
         exact.inverse_hvp(torch.full((1, 18), float("inf"), dtype=torch.float64))
 
 
@@ -160,6 +160,11 @@ def test_exact_solver_state_lu_path_and_size_limit(caplog):
     again = ExactSolver(exact.settings).fit(model, x, y, weight_decay=0.2, state=state)
     v = torch.ones(2, 18, dtype=torch.float64)
     assert torch.allclose(again.inverse_hvp(v), exact.inverse_hvp(v), atol=EXACT, rtol=0)
+    as32 = ExactSolver(exact.settings).fit(model, x, y, weight_decay=0.2, state={"curvature": state["curvature"].float()})
+    assert as32.matrix.dtype == torch.float64  # a float32 cache entry is cast to the model's dtype
+    assert _rel(as32.inverse_hvp(v), exact.inverse_hvp(v)) < 1e-6
+    got = exact.inverse_hvp(v.float())  # float32 vectors: solved in the model's dtype
+    assert got.dtype == torch.float64 and torch.allclose(got, exact.inverse_hvp(v), atol=EXACT, rtol=0)
     other_wd = ExactSolver(exact.settings).fit(model, x, y, weight_decay=1.0, state=state)  # the cache holds C only
     assert torch.allclose(other_wd.matrix, state["curvature"] + 1.3 * torch.eye(18, dtype=torch.float64), atol=EXACT, rtol=0)
     # an indefinite matrix (the Hessian's curvature minus a shift): no Cholesky, solved by LU

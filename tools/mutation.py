@@ -39,7 +39,9 @@ DISTRIBUTED = ({f"influence_over_inference.engine.scores.x_self_influence__mutmu
 # survivors
 DEVICE_ONLY = "changes only where the model is on a GPU: a CPU-only run cannot see it (cuda-marked tests are skipped here)"
 DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i in (34, 36, 38)}
-          | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_train_tensors__mutmut_{i}" for i in (6, 8, 10)})
+          | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_train_tensors__mutmut_{i}" for i in (6, 8, 10)}
+          | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_check_vectors__mutmut_{i}" for i in (20, 22)}
+          | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁload_state_dict__mutmut_{i}" for i in (2, 4)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
