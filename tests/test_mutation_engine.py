@@ -377,3 +377,16 @@ def test_influence_takes_precomputed_s_test_and_casts_float32_test_images():
         influence(model, None, None, split, last, stest=torch.zeros(3, 39, dtype=torch.float64))
     as32 = s_test(model, x[:3].float(), y[:3], solver)  # float32 images, float64 model: cast, same answer
     assert as32.dtype == torch.float64 and torch.allclose(as32, stest, atol=1e-6 * float(stest.abs().max()), rtol=0)
+
+
+def test_exact_hessian_sums_every_chunk_on_chosen_layers_and_casts_float32_images():
+    torch.manual_seed(0)
+    x, y = blobs(30, (6,), 3, seed=0)
+    model = fit(mlp(), x, y, WD, steps=30).eval()
+    whole = make_solver("exact", curvature="hessian", damping=0.1, chunk_size=1000).fit(model, x, y, layers=["3"])
+    chunked = make_solver("exact", curvature="hessian", damping=0.1, chunk_size=7).fit(model, x, y, layers=["3"])
+    assert whole.matrix.shape == (27, 27) and torch.allclose(chunked.matrix, whole.matrix, atol=EXACT, rtol=0)
+    for curvature in ("ggn", "hessian"):
+        want = make_solver("exact", curvature=curvature, damping=0.1).fit(model, x, y).matrix
+        got = make_solver("exact", curvature=curvature, damping=0.1).fit(model, x.float(), y).matrix
+        assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-6, rtol=0), curvature
