@@ -348,7 +348,7 @@ def test_s_test_checks_test_labels_against_the_models_classes():
     with pytest.raises(ValueError, match=r"test data: labels must lie in \[0, 10\), found 3\.\.10"):
         s_test(model, x[:2], torch.tensor([3, 10]), solver)
     assert s_test(model, x[:2], torch.tensor([3, 9]), solver).shape == (2, solver.n_params)
-    with pytest.raises(ValueError, match=re.escape("fit the solver first: solver.fit(model, train_x, train_y, weight_decay)")):
+    with pytest.raises(ValueError, match="^" + re.escape("fit the solver first: solver.fit(model, train_x, train_y, weight_decay)") + "$"):
         s_test(model, x[:2], y[:2], make_solver("exact"))
     last = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc3"])
     assert torch.equal(s_test(model, x[:2], y[:2], last, layers=["fc3"]), s_test(model, x[:2], y[:2], last))
@@ -370,6 +370,8 @@ def test_influence_takes_precomputed_s_test_and_casts_float32_test_images():
         influence(model, None, None, split, solver, stest=stest[:, 1:])
     fresh = make_solver("exact")  # nimarb's or another solver's s_test: this one need not be fitted
     assert torch.allclose(influence(model, None, None, split, fresh, stest=stest), want, atol=EXACT, rtol=0)
+    with pytest.raises(ValueError, match=rf"stest must have shape \(K, {solver.n_params}\)"):
+        influence(model, None, None, split, fresh, stest=stest[:, 1:])
     last = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc3"])  # 40 parameters
     on_last = influence(model, None, None, split, last, stest=s_test(model, x[:3], y[:3], last))
     assert torch.allclose(on_last, influence(model, x[:3], y[:3], split, last), atol=EXACT, rtol=0)

@@ -29,6 +29,7 @@ EQUIVALENT = {
     "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_54": "GGN built by curvature_matrix('ggn') instead of its factor rows: the same matrix by a slower route",
     "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_55": "GGN built by curvature_matrix('ggn') instead of its factor rows: the same matrix by a slower route",
     "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_81": "curvature_matrix's own default chunk size instead of the setting: the same matrix",
+    "influence_over_inference.engine.scores.x_s_test__mutmut_10": "_n_classes(model, None): its second argument is unused",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_2": "'or True': a model without config gives {}.get('n_classes'), None, as before",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_6": "getattr default None: only reached when the model has a config",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_9": "getattr without default: only reached when the model has a config",
