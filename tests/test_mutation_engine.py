@@ -107,6 +107,7 @@ def test_solver_settings_are_validated_and_merged():
     with pytest.raises(ValueError, match="max_params must be >= 1 or None, got 0"):
         ExactSettings(max_params=0)
     assert ExactSettings(damping=0.0, max_params=None, chunk_size=1).max_params is None  # the edges are allowed
+    assert ExactSettings(max_params=1).max_params == 1
     solver = ExactSolver(ExactSettings(damping=0.5, chunk_size=7), damping=0.25)
     assert (solver.settings.damping, solver.settings.chunk_size) == (0.25, 7)
     assert ExactSolver(damping=0.125).settings.damping == 0.125
@@ -154,6 +155,7 @@ def test_exact_solver_state_lu_path_and_size_limit(caplog):
     caplog.set_level("INFO", logger="influence_over_inference.engine.solvers.exact")
     model, x, y = _logistic_problem()
     exact = make_solver("exact", damping=0.3).fit(model, x, y, weight_decay=0.2)
+    assert exact._chol is not None and caplog.messages == []  # positive definite: Cholesky, nothing logged
     state = exact.state_dict()
     assert set(state) == {"curvature"}
     assert torch.allclose(state["curvature"] + 0.5 * torch.eye(18, dtype=torch.float64), exact.matrix, atol=EXACT, rtol=0)
@@ -169,7 +171,7 @@ def test_exact_solver_state_lu_path_and_size_limit(caplog):
     assert torch.allclose(other_wd.matrix, state["curvature"] + 1.3 * torch.eye(18, dtype=torch.float64), atol=EXACT, rtol=0)
     # an indefinite matrix (the Hessian's curvature minus a shift): no Cholesky, solved by LU
     shifted = ExactSolver(exact.settings).fit(model, x, y, weight_decay=0.0, state={"curvature": state["curvature"] - 0.31 * torch.eye(18, dtype=torch.float64)})
-    assert shifted._chol is None and "the damped curvature is not positive definite; solving by LU" in caplog.text
+    assert shifted._chol is None and "the damped curvature is not positive definite; solving by LU" in caplog.messages
     assert torch.allclose(shifted.inverse_hvp(v), torch.linalg.solve(shifted.matrix, v.T).T, atol=1e-8, rtol=0)
     assert exact_memory_bytes(10, 3, 4) == 8 * (2 * 100 + 2 * 4 * 3 * 10)
     assert exact_memory_bytes(10, 3, 4, itemsize=4) == 4 * (2 * 100 + 2 * 4 * 3 * 10)
