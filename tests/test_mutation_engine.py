@@ -107,6 +107,7 @@ def test_solver_settings_are_validated_and_merged():
     with pytest.raises(ValueError, match="max_params must be >= 1 or None, got 0"):
         ExactSettings(max_params=0)
     assert ExactSettings(damping=0.0, max_params=None, chunk_size=1).max_params is None  # the edges are allowed
+    assert ExactSettings(max_params=1).max_params == 1
     solver = ExactSolver(ExactSettings(damping=0.5, chunk_size=7), damping=0.25)
     assert (solver.settings.damping, solver.settings.chunk_size) == (0.25, 7)
     assert ExactSolver(damping=0.125).settings.damping == 0.125
@@ -154,6 +155,7 @@ def test_exact_solver_state_lu_path_and_size_limit(caplog):
     caplog.set_level("INFO", logger="influence_over_inference.engine.solvers.exact")
     model, x, y = _logistic_problem()
     exact = make_solver("exact", damping=0.3).fit(model, x, y, weight_decay=0.2)
+    assert exact._chol is not None and caplog.messages == []  # positive definite: Cholesky, nothing logged
     state = exact.state_dict()
     assert set(state) == {"curvature"}
     assert torch.allclose(state["curvature"] + 0.5 * torch.eye(18, dtype=torch.float64), exact.matrix, atol=EXACT, rtol=0)
@@ -169,7 +171,7 @@ def test_exact_solver_state_lu_path_and_size_limit(caplog):
     assert torch.allclose(other_wd.matrix, state["curvature"] + 1.3 * torch.eye(18, dtype=torch.float64), atol=EXACT, rtol=0)
     # an indefinite matrix (the Hessian's curvature minus a shift): no Cholesky, solved by LU
     shifted = ExactSolver(exact.settings).fit(model, x, y, weight_decay=0.0, state={"curvature": state["curvature"] - 0.31 * torch.eye(18, dtype=torch.float64)})
-    assert shifted._chol is None and "the damped curvature is not positive definite; solving by LU" in caplog.text
+    assert shifted._chol is None and "the damped curvature is not positive definite; solving by LU" in caplog.messages
     assert torch.allclose(shifted.inverse_hvp(v), torch.linalg.solve(shifted.matrix, v.T).T, atol=1e-8, rtol=0)
     assert exact_memory_bytes(10, 3, 4) == 8 * (2 * 100 + 2 * 4 * 3 * 10)
     assert exact_memory_bytes(10, 3, 4, itemsize=4) == 4 * (2 * 100 + 2 * 4 * 3 * 10)
@@ -348,7 +350,7 @@ def test_s_test_checks_test_labels_against_the_models_classes():
     with pytest.raises(ValueError, match=r"test data: labels must lie in \[0, 10\), found 3\.\.10"):
         s_test(model, x[:2], torch.tensor([3, 10]), solver)
     assert s_test(model, x[:2], torch.tensor([3, 9]), solver).shape == (2, solver.n_params)
-    with pytest.raises(ValueError, match=re.escape("fit the solver first: solver.fit(model, train_x, train_y, weight_decay)")):
+    with pytest.raises(ValueError, match="^" + re.escape("fit the solver first: solver.fit(model, train_x, train_y, weight_decay)") + "$"):
         s_test(model, x[:2], y[:2], make_solver("exact"))
     last = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc3"])
     assert torch.equal(s_test(model, x[:2], y[:2], last, layers=["fc3"]), s_test(model, x[:2], y[:2], last))
@@ -370,6 +372,8 @@ def test_influence_takes_precomputed_s_test_and_casts_float32_test_images():
         influence(model, None, None, split, solver, stest=stest[:, 1:])
     fresh = make_solver("exact")  # nimarb's or another solver's s_test: this one need not be fitted
     assert torch.allclose(influence(model, None, None, split, fresh, stest=stest), want, atol=EXACT, rtol=0)
+    with pytest.raises(ValueError, match=rf"stest must have shape \(K, {solver.n_params}\)"):
+        influence(model, None, None, split, fresh, stest=stest[:, 1:])
     last = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc3"])  # 40 parameters
     on_last = influence(model, None, None, split, last, stest=s_test(model, x[:3], y[:3], last))
     assert torch.allclose(on_last, influence(model, x[:3], y[:3], split, last), atol=EXACT, rtol=0)
@@ -377,3 +381,16 @@ def test_influence_takes_precomputed_s_test_and_casts_float32_test_images():
         influence(model, None, None, split, last, stest=torch.zeros(3, 39, dtype=torch.float64))
     as32 = s_test(model, x[:3].float(), y[:3], solver)  # float32 images, float64 model: cast, same answer
     assert as32.dtype == torch.float64 and torch.allclose(as32, stest, atol=1e-6 * float(stest.abs().max()), rtol=0)
+
+
+def test_exact_hessian_sums_every_chunk_on_chosen_layers_and_casts_float32_images():
+    torch.manual_seed(0)
+    x, y = blobs(30, (6,), 3, seed=0)
+    model = fit(mlp(), x, y, WD, steps=30).eval()
+    whole = make_solver("exact", curvature="hessian", damping=0.1, chunk_size=1000).fit(model, x, y, layers=["3"])
+    chunked = make_solver("exact", curvature="hessian", damping=0.1, chunk_size=7).fit(model, x, y, layers=["3"])
+    assert whole.matrix.shape == (27, 27) and torch.allclose(chunked.matrix, whole.matrix, atol=EXACT, rtol=0)
+    for curvature in ("ggn", "hessian"):
+        want = make_solver("exact", curvature=curvature, damping=0.1).fit(model, x, y).matrix
+        got = make_solver("exact", curvature=curvature, damping=0.1).fit(model, x.float(), y).matrix
+        assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-6, rtol=0), curvature

@@ -25,6 +25,11 @@ EQUIVALENT = {
     "influence_over_inference.engine.scores.x_top_k__mutmut_17": "topk without dim=1: the default dim=-1 is dim 1 of the (n_test, n_train) matrix",
     "influence_over_inference.engine.scores.x_top_k__mutmut_18": "topk without largest=True: True is topk's default",
     "influence_over_inference.engine.scores.x_top_k__mutmut_26": "topk without dim=1: the default dim=-1 is dim 1 of the (n_test, n_train) matrix",
+    "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_21": "GB divisor 1e9 + 1 instead of 1e9: 1 part in 10^9, below the message's 0.1 GB rounding",
+    "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_54": "GGN built by curvature_matrix('ggn') instead of its factor rows: the same matrix by a slower route",
+    "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_55": "GGN built by curvature_matrix('ggn') instead of its factor rows: the same matrix by a slower route",
+    "influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_81": "curvature_matrix's own default chunk size instead of the setting: the same matrix",
+    "influence_over_inference.engine.scores.x_s_test__mutmut_10": "_n_classes(model, None): its second argument is unused",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_2": "'or True': a model without config gives {}.get('n_classes'), None, as before",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_6": "getattr default None: only reached when the model has a config",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_9": "getattr without default: only reached when the model has a config",
@@ -34,14 +39,16 @@ EQUIVALENT = {
 # is not in the mutation run's test selection; they count as survivors
 DISTRIBUTED_ONLY = "changes only the torch.distributed path (world size > 1); not in the mutation run's tests"
 DISTRIBUTED = ({f"influence_over_inference.engine.scores.x_self_influence__mutmut_{i}" for i in (8, 9, 12, 60, 61, 64, 65)}
-               | {f"influence_over_inference.engine.scores.x_influence__mutmut_{i}" for i in (52, 53, 56, 96, 97, 100, 101)})
+               | {f"influence_over_inference.engine.scores.x_influence__mutmut_{i}" for i in (52, 53, 56, 96, 97, 100, 101)}
+               | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (34, 35, 38)})
 # survivors that change only where the model lives on a GPU (a device argument dropped); they count as
 # survivors
 DEVICE_ONLY = "changes only where the model is on a GPU: a CPU-only run cannot see it (cuda-marked tests are skipped here)"
 DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i in (34, 36, 38)}
           | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_train_tensors__mutmut_{i}" for i in (6, 8, 10)}
           | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_check_vectors__mutmut_{i}" for i in (20, 22)}
-          | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁload_state_dict__mutmut_{i}" for i in (2, 4)})
+          | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁload_state_dict__mutmut_{i}" for i in (2, 4)}
+          | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (27, 31)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
