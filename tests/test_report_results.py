@@ -144,3 +144,16 @@ def test_validation_figures_say_not_computed_when_missing(tmp_path):
     figs = validation_figures(load_validation(tmp_path / "missing.json"))
     assert len(figs) == 1 and isinstance(figs[0], Figure)
     assert "not computed" in " ".join(t.get_text() for t in figs[0].texts)
+
+
+def test_findings_quote_the_idle_benchmark_when_there_is_one(tmp_path):
+    """bench/trust.py's idle keys win over the superseded under-load ones; nimarb's ratio is labelled as under load."""
+    engine = _write(tmp_path / "e.json", {"n_train": 50000, "t100_default_s": 144.6, "t100_default_epochs": 27.4,
+                                          "kronfluence_t100_s": 169.9, "seed_spearman_default": 0.9245,
+                                          "pearson_default_vs_exact_small": 0.9869, "t100_fast_s": 1.0,
+                                          "superseded_under_load": {"keys": {"speedup_vs_nimarb": 513.0}}})
+    out = findings(validation_path=tmp_path / "absent.json", engine_path=engine, train_path=tmp_path / "absent.json")
+    assert out[0].startswith("Engine, idle machine, 1 thread (100 test x 50,000 training images)")
+    assert "145 s (27.4 training epochs)" in out[0] and "EK-FAC 170 s" in out[0] and "Spearman 0.92;" in out[0]
+    assert "exact influence 0.987." in out[0] and "Under load with the old default, 513x faster" in out[0]
+    assert out[1].startswith("Validation: not computed")

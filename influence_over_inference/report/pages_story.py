@@ -194,8 +194,9 @@ def method_slide(inputs, config):
         "subsample, inverted exactly there and as 1/(weight decay + \u03bb) elsewhere.",
     ]
     if solver:
-        shown = [(k, solver[k]) for k in SOLVER_KEYS if solver.get(k) is not None]
-        settings = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown)
+        short = {"n_samples": "images", "n_fits": "fits"}  # one line on the slide
+        shown = [(k, solver[k]) for k in SOLVER_KEYS if solver.get(k) is not None and k != "curvature"]
+        settings = ", ".join(f"{short.get(k, k.replace('_', ' '))} {v}" for k, v in shown)
         items.append(f"Used for the results: {solver.get('name', solver.get('solver', 'solver'))}"
                      + (f" ({settings})" if settings else "") + ".")
     _bullets(body, items, fontsize=BODY_PT - 1, top=0.72, gap=0.45)

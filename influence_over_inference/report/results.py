@@ -171,6 +171,17 @@ def findings(validation_path="results/validation.json", engine_path="bench/resul
         def num(key, spec=".2f"):
             value = engine.get(key)
             return "n/a" if value is None else format(float(value), spec)
+        old = (engine.get("superseded_under_load") or {}).get("keys", {})
+        if engine.get("t100_default_s") is not None:  # bench/trust.py's idle run
+            nimarb = old.get("speedup_vs_nimarb")
+            out.append(
+                f"Engine, idle machine, 1 thread (100 test x {engine.get('n_train', 50000):,} training images): the default fast "
+                f"solver takes {num('t100_default_s', '.0f')} s ({num('t100_default_epochs', '.1f')} training epochs), kronfluence "
+                f"EK-FAC {num('kronfluence_t100_s', '.0f')} s; two curvature seeds agree at Spearman {num('seed_spearman_default')}; "
+                f"on a small conv net, Pearson with exact influence {num('pearson_default_vs_exact_small', '.3f')}."
+                + (f" Under load with the old default, {float(nimarb):,.0f}x faster than nimarb's package at its settings."
+                   if nimarb is not None else ""))
+            return out + _validation_findings(validation_path)
         out.append(
             f"Engine (100 test x {engine.get('n_train', 50000):,} training images): fast solver {num('t100_fast_s', '.0f')} s "
             f"({num('t100_fast_epochs', '.1f')} training epochs), {num('speedup_vs_nimarb', ',.0f')}x faster than nimarb's "
@@ -178,6 +189,11 @@ def findings(validation_path="results/validation.json", engine_path="bench/resul
             f"{num('spearman_fast_vs_cg')}, kronfluence {num('spearman_kronfluence_vs_cg')}, nimarb {num('spearman_nimarb_vs_cg')}. "
             f"On a small conv net, Pearson with exact influence: fast {num('pearson_fast_vs_exact_small', '.3f')}, "
             f"kronfluence {num('pearson_kronfluence_vs_exact_small', '.3f')}.")
+    return out + _validation_findings(validation_path)
+
+
+def _validation_findings(validation_path) -> list[str]:
+    out = []
     val = _read(validation_path)
     if val is None:
         out.append("Validation: not computed; run `python -m influence_over_inference validate all`.")
