@@ -20,8 +20,8 @@ def map_slide(inputs, config):
     title = "Which pixels of a training image matter"
     found = inputs.perturbation_map
     fig, body = _new_page(title, _footer("results/perturbation_map.npz", _source(found)))
-    if found is None or isinstance(found, Missing):
-        _not_computed(body, found if isinstance(found, Missing) else f"the dog's perturbation map \u2014 run: {COMMANDS['perturbation_map']}")
+    if isinstance(found, Missing):
+        _not_computed(body, found)
         return title, fig
     panels, text = body.subfigures(2, 1, height_ratios=[3.2, 1.4])
     plot_perturbation_map(found["train_image"], found["map"], fig=panels)
@@ -38,8 +38,8 @@ def attack_slide(inputs, config):
     title = "A training-set attack, checked by retraining"
     result = inputs.perturbation
     fig, body = _new_page(title, _footer("results/perturbation.json", _source(result)))
-    if result is None or isinstance(result, Missing):
-        _not_computed(body, result if isinstance(result, Missing) else f"the attack \u2014 run: {COMMANDS['perturbation']}")
+    if isinstance(result, Missing):
+        _not_computed(body, result)
         return title, fig
     left, right = body.subfigures(1, 2, width_ratios=[1, 1.15])
     arrays = result.get("_arrays")

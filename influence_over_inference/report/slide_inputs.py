@@ -237,10 +237,10 @@ class Inputs:
     influence: dict | Missing
     validation: dict | Missing
     engine: dict | Missing
+    perturbation: dict | Missing  # results/perturbation.json (+ npz): the check and the attack
+    perturbation_map: dict | Missing  # results/perturbation_map.npz: the dog's map (the notebook)
     data: object | None  # CIFAR10Data, or None when the images could not be loaded
     data_error: str | None = None
-    perturbation: dict | Missing | None = None  # results/perturbation.json (+ npz): the check and the attack
-    perturbation_map: dict | Missing | None = None  # results/perturbation_map.npz: the dog's map (the notebook)
 
 
 def load_inputs(config: SlidesConfig, data=None) -> Inputs:
@@ -251,10 +251,10 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
         influence=load_influence_results(results / "influence.json"),
         validation=load_validation(results / "validation.json"),
         engine=load_engine_benchmark(config.engine_json),
+        perturbation=load_perturbation(results / "perturbation.json", results / "perturbation.npz"),
+        perturbation_map=load_perturbation_map(results / "perturbation_map.npz"),
         data=data,
     )
-    inputs.perturbation = load_perturbation(results / "perturbation.json", results / "perturbation.npz")
-    inputs.perturbation_map = load_perturbation_map(results / "perturbation_map.npz")
     if data is None:
         from ..study.data import DataSourceError, load_cifar10
 
