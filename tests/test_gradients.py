@@ -148,3 +148,41 @@ def test_grad_dot_equals_materialised_products(name, make, shape, c):
     dots, norms = grad_dot(model, x, y, v, chunk_size=4)
     assert torch.allclose(dots, g @ v.T, atol=EXACT, rtol=0)
     assert torch.allclose(norms, (g * g).sum(1), atol=EXACT, rtol=0)
+
+
+def _layer_norm_net() -> nn.Module:
+    """A model the hook path cannot take (a LayerNorm's parameters): grad_dot falls back to grad_z."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+
+
+@pytest.mark.parametrize("make,layers", [(conv, ["fc2", "conv1.bias"]), (_layer_norm_net, None),
+                                         (_layer_norm_net, ["2", "4.weight"])])
+def test_grad_dot_with_chosen_layers_and_on_models_the_hooks_cannot_take(make, layers):
+    from influence_over_inference.engine.gradients import grad_dot
+
+    torch.manual_seed(0)
+    model = make().eval()
+    shape = (3, 8, 8) if make is conv else (6,)
+    x, y = blobs(9, shape, 3, seed=8)
+    g = loop_grads(model, x, y, layers)
+    v = torch.randn(3, g.shape[1], dtype=DTYPE)
+    dots, norms = grad_dot(model, x, y, v, layers=layers, chunk_size=4)
+    assert dots.shape == (9, 3) and norms.shape == (9,)
+    assert torch.allclose(dots, g @ v.T, atol=EXACT, rtol=0)
+    assert torch.allclose(norms, (g * g).sum(1), atol=EXACT, rtol=0)
+    assert not model.training
+
+
+def test_grad_dot_bad_vectors_and_labels_say_what_is_wrong():
+    from influence_over_inference.engine.gradients import grad_dot
+
+    model = mlp().eval()
+    x, y = blobs(4, (6,), 3, seed=9)
+    p = count_selected(model)
+    v = torch.randn(2, p, dtype=DTYPE)
+    with pytest.raises(ValueError, match=rf"vectors must have shape \(K, {p}\), got \({p},\)"):
+        grad_dot(model, x, y, v[0])
+    with pytest.raises(ValueError, match=rf"vectors must have shape \(K, {p}\), got \(2, {p + 1}\)"):
+        grad_dot(model, x, y, torch.randn(2, p + 1, dtype=DTYPE))
+    with pytest.raises(ValueError, match=r"^grad_dot: labels must have shape \(4,\)"):
+        grad_dot(model, x, y[:3], v)

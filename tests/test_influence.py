@@ -177,3 +177,73 @@ def test_cli_prints_top_k_and_writes_json_and_npz(tmp_path, capsys):
     assert np.array_equal(np.load(tmp_path / "again.npz")["scores"], scores)
     assert main(args[:7] + ["--test-index", "10"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def _small_engine(tmp_path, progress=False, n=30):
+    torch.manual_seed(0)
+    x, y = blobs(n, (6,), 3, seed=4)
+    model = fit(mlp(), x, y, WD, steps=30)
+    checkpoint = tmp_path / "model.pt"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if not checkpoint.exists():
+        torch.save(model.state_dict(), checkpoint)
+    engine = InfluenceEngine(model, (x, y), make_solver("fast", damping=0.1, rank=20, n_samples=10), weight_decay=WD,
+                             cache_dir=tmp_path / "influence", checkpoint=checkpoint, data_source="blobs", progress=progress)
+    return engine, x, y
+
+
+def test_cache_key_is_the_documented_hash_whatever_the_order_of_its_parts(tmp_path):
+    """Keys of entries users already have must not change silently (a format change bumps CACHE_VERSION)."""
+    import hashlib
+    import json
+
+    from influence_over_inference.engine.hashing import file_sha256
+    from influence_over_inference.engine.influence_engine import CACHE_VERSION
+
+    engine, x, _ = _small_engine(tmp_path)
+    parts = {"kind": "scores", "version": CACHE_VERSION, "checkpoint": file_sha256(tmp_path / "model.pt"),
+             "data_source": "blobs", "n_train": len(x), "weight_decay": WD, "layers": None,
+             "solver": engine.solver.describe(), "test": "0123"}
+    documented = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    assert engine.cache_key("scores", {"test": "0123"}) == documented
+    assert engine.cache_key("scores", {"a": 1, "b": 2}) == engine.cache_key("scores", {"b": 2, "a": 1})
+    # settings that JSON cannot write (a dtype, a path) still key the entry, by their text
+    assert engine.cache_key("scores", {"dtype": torch.float32}) != engine.cache_key("scores", {"dtype": torch.float64})
+    assert engine.cache_key("scores", {"p": tmp_path / "a"}) != engine.cache_key("scores", {"p": tmp_path / "b"})
+
+
+def test_top_k_defaults_to_ten_and_is_none_where_there_are_no_scores(tmp_path, monkeypatch):
+    engine, x, y = _small_engine(tmp_path)
+    assert engine.top_k(x[:2], y[:2]).helpful.shape == (2, 10)
+    three = engine.top_k(x[:2], y[:2], k=3)
+    assert three.helpful.shape == three.harmful.shape == (2, 3)
+    monkeypatch.setattr(engine, "scores", lambda *a: None)  # another rank under torch.distributed
+    assert engine.top_k(x[:2], y[:2]) is None
+
+
+def test_self_influence_is_read_back_from_its_cache_entry_not_recomputed(tmp_path, monkeypatch):
+    from influence_over_inference.engine import influence_engine
+
+    first, _, _ = _small_engine(tmp_path)
+    values = first.self_influence()
+    second, _, _ = _small_engine(tmp_path)
+    monkeypatch.setattr(influence_engine, "self_influence", lambda *a: pytest.fail("recomputed a cached self-influence"))
+    assert torch.equal(second.self_influence(), values)
+    # an entry of the wrong length under the right key (a damaged cache) is recomputed, not served
+    path = second.cache_path("self_influence")
+    torch.save({"key": second.cache_key("self_influence"), "value": {"self_influence": values[:-1]}}, path)
+    monkeypatch.setattr(influence_engine, "self_influence", lambda *a: values + 1)
+    assert torch.equal(_small_engine(tmp_path)[0].self_influence(), values + 1)
+
+
+def test_self_influence_shows_progress_only_when_asked(tmp_path, capsys):
+    quiet, _, _ = _small_engine(tmp_path / "quiet", progress=False)
+    quiet.fit()
+    capsys.readouterr()
+    quiet.self_influence()
+    assert capsys.readouterr().err == ""
+    loud, _, _ = _small_engine(tmp_path / "loud", progress=True)
+    loud.fit()
+    capsys.readouterr()
+    loud.self_influence()
+    assert "self-influence" in capsys.readouterr().err

@@ -290,3 +290,66 @@ def test_randomized_top_eigenpairs_match_eigh():
     assert torch.allclose(evals[:20], spectrum[:20], rtol=1e-6)
     projector = evecs[:, :20] @ evecs[:, :20].T
     assert torch.allclose(projector, q[:, :20] @ q[:, :20].T, atol=1e-4)
+
+
+def test_fast_state_loads_in_the_models_dtype_and_without_n_fits_means_one_fit():
+    """A cached fit serves a model of another dtype (the cache holds what the fit made) and a state written
+    before ``n_fits`` was stored is one fit."""
+    import copy
+
+    torch.manual_seed(0)
+    x, y = blobs(40, (6,), 3, seed=11)
+    model = fit(mlp(), x, y, WD, steps=30)
+    one = FastSolver(damping=0.1, rank=15, n_samples=20, n_fits=1).fit(model, x, y, weight_decay=WD)
+    v = torch.randn(2, one.n_params, dtype=torch.float64)
+    legacy = {k: t for k, t in one.state_dict().items() if k != "n_fits"}
+    again = FastSolver(one.settings).fit(model, x, y, weight_decay=WD, state=legacy)
+    assert again.n_fits == 1
+    assert torch.allclose(again.inverse_hvp(v), one.inverse_hvp(v), rtol=1e-12, atol=0)
+    model32 = copy.deepcopy(model).float()
+    served = FastSolver(one.settings).fit(model32, x.float(), y, weight_decay=WD, state=one.state_dict())
+    assert served.eigenvalues.dtype == served.eigenvectors.dtype == torch.float32
+    assert served.inverse_hvp(v.float()).dtype == torch.float32
+
+
+def _layer_norm_net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(torch.float64)
+
+
+def test_cg_holds_the_ggn_factor_exactly_when_it_fits_its_memory_cap():
+    """The factor (n C P floats) is kept when its size is at most ``max_factor_mb`` (each iteration is then two
+    matmuls), also for chosen layers of a model the hooks cannot take whole; else products are streamed."""
+    torch.manual_seed(0)
+    x, y = blobs(30, (6,), 3, seed=12)
+    model = fit(_layer_norm_net(), x, y, WD, steps=30)
+    layers = ["1", "4"]  # the two Linear layers
+    p = sum(t.numel() for n, t in model.named_parameters() if n.split(".")[0] in layers)
+    size_mb = 30 * 3 * p * 8 / 2**20
+    v = torch.randn(2, p, dtype=torch.float64)
+    exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=layers).inverse_hvp(v)
+    for cap, held in ((size_mb, True), (size_mb * (1 - 1e-9), False)):
+        cg = make_solver("cg", damping=0.1, tol=1e-12, max_iter=200, max_factor_mb=cap).fit(model, x, y, weight_decay=WD, layers=layers)
+        assert cg.residuals == []  # nothing solved yet
+        assert (cg._factor is not None) == held
+        if held:
+            assert cg._factor.shape == (30 * 3, p)
+        assert torch.allclose(cg.inverse_hvp(v), exact, rtol=1e-8, atol=1e-10)
+    streamed = make_solver("cg", curvature="hessian", damping=0.1, max_factor_mb=1e9).fit(model, x, y, weight_decay=WD, layers=layers)
+    assert streamed._factor is None  # only the GGN has a factor
+
+
+def test_logits_jacobian_of_chosen_layers_and_its_input_check():
+    from influence_over_inference.engine.gradients import logits_jacobian
+
+    torch.manual_seed(0)
+    model = mlp().eval()
+    x, _ = blobs(4, (6,), 3, seed=13)
+    named = dict(model.named_parameters())
+    logits, jac = logits_jacobian(model, x, layers=["3"])
+    assert torch.allclose(logits, model(x), atol=1e-12, rtol=0)
+    for b in range(4):
+        for c in range(3):
+            rows = torch.autograd.grad(model(x[b : b + 1])[0, c], [named["3.weight"], named["3.bias"]])
+            assert torch.allclose(jac[b, c], torch.cat([r.reshape(-1) for r in rows]), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match=r"^logits_jacobian: expected a batch"):
+        logits_jacobian(model, x[0, 0])

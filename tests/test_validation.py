@@ -328,3 +328,16 @@ def test_self_influence_variants_match_the_engine_and_a_plain_loop():
             np.testing.assert_allclose(v["gradient_norm"][j], float(g @ g) / 30, rtol=1e-10)
             np.testing.assert_allclose(v["self_influence_relatif"][j], float(g @ h) / float(h.norm()), rtol=1e-10)
             np.testing.assert_allclose(v["curvature_ratio"][j], float(g @ h) / float(g @ g), rtol=1e-10)
+
+
+def test_older_experiments_pin_one_fast_fit():
+    """The leave-one-out, sign and perturbation figures were measured with one fit: a rerun must reproduce
+    them, whatever the engine's default ``n_fits`` becomes."""
+    from influence_over_inference.engine.solvers.fast import FastSettings
+    from influence_over_inference.experiments.perturbation import PerturbationConfig
+    from influence_over_inference.experiments.sign import SignConfig
+
+    for settings in (NetworkLOOConfig().solver_settings["fast"], SignConfig().solver_settings,
+                     PerturbationConfig().solver_settings):
+        assert FastSettings(**settings).n_fits == 1
+        assert (settings["rank"], settings["n_samples"]) == (500, 500)

@@ -5,11 +5,17 @@ one-line reason where it is equivalent (no behaviour change; listed in ``EQUIVAL
 ``mutmut show NAME``). ``score_engine`` / ``score_checkpoints`` = killed / (killed + survived),
 equivalent survivors excluded; timeouts (a mutant that loops forever is caught) count as killed.
 Usage: ``python tools/mutation.py --minutes M [--out results/mutation.json]`` after ``mutmut run``.
+
+A run may cover some modules only (``bash run.sh mutate "influence_over_inference.engine.solvers.fast*"``),
+and ``mutants/`` is a local cache that a fresh clone lacks: a module with no verdict in ``mutants/`` keeps
+its row from the existing ``--out`` file, but only while its source is byte for byte the one that row was
+measured on (``source_sha256``); a module whose source changed since counts as not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -53,11 +59,22 @@ KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (3
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
 
-def summarise(mutants: Path, minutes: float | None) -> dict:
+def source_sha256(module: str, root: Path = Path(".")) -> str | None:
+    """Hash of a mutated module's source as it is now (None when the file is gone)."""
+    path = root / module
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def summarise(mutants: Path, minutes: float | None, previous: dict | None = None, root: Path = Path(".")) -> dict:
+    """Verdicts per module from ``mutants/``; rows of ``previous`` (an earlier summary) fill the modules this
+    run has no verdict for, when their ``source_sha256`` still matches the file under ``root``."""
     modules, totals, not_run = {}, {"engine": [0, 0], "checkpoints": [0, 0]}, 0
-    for meta in sorted(mutants.rglob("*.py.meta")):
-        module = str(meta.relative_to(mutants))[: -len(".meta")]
-        codes = json.loads(meta.read_text()).get("exit_code_by_key", {})
+    now = []  # modules with verdicts from this run
+    kept = {m: r for m, r in ((previous or {}).get("modules") or {}).items()
+            if r.get("source_sha256") and r["source_sha256"] == source_sha256(m, root)}
+    metas = {str(meta.relative_to(mutants))[: -len(".meta")]: meta for meta in sorted(mutants.rglob("*.py.meta"))}
+    for module in sorted(set(metas) | set(kept)):
+        codes = json.loads(metas[module].read_text()).get("exit_code_by_key", {}) if module in metas else {}
         row = {"killed": 0, "survived": 0, "equivalent": 0, "timed_out": 0, "not_run": 0, "other": 0, "survivors": []}
         for name, code in sorted(codes.items()):
             if code is None:
@@ -74,9 +91,16 @@ def summarise(mutants: Path, minutes: float | None) -> dict:
                 row["survivors"].append({"mutant": name, "equivalent": bool(reason), "reason": why})
             else:
                 row["other"] += 1
-        not_run += row["not_run"]
-        if row["killed"] + row["survived"] + row["timed_out"] + row["equivalent"] == 0:
+        verdicts = row["killed"] + row["survived"] + row["timed_out"] + row["equivalent"]
+        if verdicts == 0 and module in kept:  # not run now: the earlier verdicts on the same source stand
+            row = kept[module]
+        elif verdicts == 0:
+            not_run += row["not_run"]
             continue  # no mutant of this module run yet
+        else:
+            not_run += row["not_run"]
+            now.append(module)
+            row["source_sha256"] = source_sha256(module, root)
         modules[module] = row
         group = "checkpoints" if module.endswith("study/checkpoints.py") else "engine"
         totals[group][0] += row["killed"] + row["timed_out"]
@@ -87,13 +111,21 @@ def summarise(mutants: Path, minutes: float | None) -> dict:
         return round(killed / (killed + survived), 3) if killed + survived else None
 
     n_run = sum(r["killed"] + r["survived"] + r["equivalent"] + r["timed_out"] for r in modules.values())
+    # the mutmut runs behind these verdicts, earlier ones included (a rerun of survivors adds to a module's run)
+    runs = [r for r in (previous or {}).get("runs", []) if set(r["modules"]) & set(modules)]
+    if now:
+        runs.append({"minutes": minutes, "n_mutants": sum(
+            modules[m]["killed"] + modules[m]["survived"] + modules[m]["equivalent"] + modules[m]["timed_out"] for m in now),
+            "modules": now})
+    total = sum(r["minutes"] or 0 for r in runs) or None
     return {
         "tool": "mutmut 3.8.1 (bash run.sh mutate; config in pyproject.toml [tool.mutmut])",
         "score_engine": score("engine"), "score_checkpoints": score("checkpoints"),
         "n_mutants": n_run,
         "n_not_run": not_run,  # mutants generated but not run yet (resume: bash run.sh mutate)
-        "minutes": minutes,  # wall-clock minutes of the mutmut runs that produced these verdicts
-        "seconds_per_mutant": round(60 * minutes / n_run, 1) if minutes and n_run else None,
+        "minutes": round(total, 1) if total else None,  # wall-clock minutes of the runs behind these verdicts
+        "seconds_per_mutant": round(60 * total / n_run, 1) if total and n_run else None,
+        "runs": runs,
         "modules": modules,
     }
 
@@ -104,7 +136,9 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=None, help="wall-clock minutes of the mutmut run")
     p.add_argument("--out", default="results/mutation.json")
     args = p.parse_args(argv)
-    result = summarise(Path(args.mutants), args.minutes)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else None
+    result = summarise(Path(args.mutants), args.minutes, previous)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"score_engine={result['score_engine']} score_checkpoints={result['score_checkpoints']} "
           f"n_mutants={result['n_mutants']} not_run={result['n_not_run']} -> {args.out}")
