@@ -129,8 +129,8 @@ def test_pickle_payload_is_refused_even_when_the_environment_relaxes_torchs_defa
 def test_each_unreadable_form_names_the_file_and_the_problem(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     assert _error(tmp_path / "empty.pt") == f"{tmp_path / 'empty.pt'} is empty (0 bytes): an interrupted copy? Copy or train it again"
-    (tmp_path / "one.pt").write_bytes(b"\x80")  # one byte: unreadable, but not empty
-    assert _error(tmp_path / "one.pt").startswith(f"{tmp_path / 'one.pt'} is not a readable PyTorch checkpoint")
+    (tmp_path / "one.pt").write_bytes(b"\x80")  # one byte of a legacy (pickle) file: cut off, not empty
+    assert _error(tmp_path / "one.pt") == f"{tmp_path / 'one.pt'} {TRUNCATED}"
     assert _error(tmp_path / "none.pt").startswith(f"no checkpoint at {tmp_path / 'none.pt'}; train one")
     (tmp_path / "text.pt").write_text("hello")
     assert _error(tmp_path / "text.pt") == (f"{tmp_path / 'text.pt'} is not a PyTorch file (text or another format); "
@@ -189,3 +189,20 @@ def test_why_unreadable_gives_one_readable_reason(error, want):
 def test_why_unreadable_cuts_a_long_message_at_300_characters():
     text = checkpoints._why_unreadable(OSError("x" * 400))
     assert re.fullmatch(r"is not a readable PyTorch checkpoint \(OSError: x{300}\)", text)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_checkpoint_cut_off_anywhere_is_reported_as_truncated(tmp_path, legacy):
+    """An interrupted copy: a prefix of a real checkpoint (zip from its 2-byte magic on, or the legacy pickle
+    format) says truncated."""
+    from influence_over_inference.study.model import Net
+
+    torch.manual_seed(0)
+    path = tmp_path / "full.pt"
+    torch.save(Net(channels=(2, 2), hidden=(8, 8)).state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt"
+    lengths = [2, 3, 4, 10, 100, len(data) // 2, len(data) - 1] if not legacy else [1, 2, 3, 10, len(data) - 1]
+    for n in lengths:
+        cut.write_bytes(data[:n])
+        assert _error(cut) == f"{cut} {TRUNCATED}", n

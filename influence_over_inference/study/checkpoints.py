@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import zipfile
 from pathlib import Path
 
 import torch
@@ -64,6 +66,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         magic = f.read(2)
     if magic != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a legacy pickle
         raise CheckpointError(f"{path} is not a PyTorch file (text or another format); give the .pt file torch.save wrote")
+    if magic == b"PK" and not zipfile.is_zipfile(path):  # a zip's directory is at its end: cut off
+        raise CheckpointError(f"{path} {TRUNCATED}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -83,6 +87,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+TRUNCATED = "is truncated (the file ends early): an interrupted copy or save? Copy or train it again"
 
 
 def _why_unreadable(error: Exception) -> str:
@@ -91,8 +96,8 @@ def _why_unreadable(error: Exception) -> str:
     if "Weights only load failed" in text or "weights_only" in text:
         return ("holds pickled Python objects (e.g. a whole model saved with torch.save(model)), which are not "
                 "loaded because unpickling can run code; save model.state_dict() instead and load that")
-    if isinstance(error, EOFError) or "EOF" in text or "central directory" in text or "truncat" in text.lower():
-        return "is truncated (the file ends early): an interrupted copy or save? Copy or train it again"
+    if isinstance(error, (EOFError, IndexError, struct.error)) or "EOF" in text or "central directory" in text or "truncat" in text.lower():
+        return TRUNCATED  # a legacy (pickle) file cut off: its reader runs out of bytes
     if "invalid load key" in text or "not a zip file" in text.lower() or isinstance(error, UnicodeDecodeError):
         return "is not a PyTorch file (text or another format); give the .pt file torch.save wrote"
     return f"is not a readable PyTorch checkpoint ({type(error).__name__}: {text[:300] or 'no detail'})"
