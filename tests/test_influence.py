@@ -247,3 +247,42 @@ def test_self_influence_shows_progress_only_when_asked(tmp_path, capsys):
     capsys.readouterr()
     loud.self_influence()
     assert "self-influence" in capsys.readouterr().err
+
+
+def test_scores_are_read_back_from_their_entry_keyed_by_the_test_images(tmp_path, monkeypatch):
+    import hashlib
+
+    from influence_over_inference.engine import influence_engine
+
+    first, x, y = _small_engine(tmp_path)
+    scores = first.scores(x[:2], y[:2])
+    h = hashlib.sha256(x[:2].numpy().tobytes())
+    h.update(y[:2].numpy().tobytes())
+    assert first._test_key(x[:2], y[:2]) == {"test": h.hexdigest()[:16]}  # the documented key of a test batch
+    second, _, _ = _small_engine(tmp_path)
+    monkeypatch.setattr(influence_engine, "influence", lambda *a: pytest.fail("recomputed cached scores"))
+    assert torch.equal(second.scores(x[:2], y[:2]), scores)
+    # other test images have their own entry; a damaged entry (wrong shape under the right key) is recomputed
+    monkeypatch.setattr(influence_engine, "influence", lambda model, tx, *a: torch.zeros(len(tx), len(x)))
+    assert torch.equal(second.scores(x[2:5], y[2:5]), torch.zeros(3, len(x)))
+    path = second.cache_path("scores", second._test_key(x[:2], y[:2]))
+    torch.save({"key": second.cache_key("scores", second._test_key(x[:2], y[:2])), "value": {"scores": scores[:, :-1]}}, path)
+    assert torch.equal(_small_engine(tmp_path)[0].scores(x[:2], y[:2]), torch.zeros(2, len(x)))
+
+
+def test_scores_check_test_labels_against_the_models_classes_and_show_progress_only_when_asked(tmp_path, capsys):
+    quiet, x, y = _small_engine(tmp_path / "quiet")
+    quiet.model.config = {"n_classes": 3}  # the project's Net carries its class count
+    with pytest.raises(ValueError, match=r"^test data: labels must lie in \[0, 3\), found 0\.\.3"):
+        quiet.scores(x[:2], torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"^test data: labels must have shape \(2,\)"):
+        quiet.scores(x[:2], y[:3])
+    quiet.fit()
+    capsys.readouterr()
+    quiet.scores(x[:2], y[:2])
+    assert capsys.readouterr().err == ""
+    loud, _, _ = _small_engine(tmp_path / "loud", progress=True)
+    loud.fit()
+    capsys.readouterr()
+    loud.scores(x[:2], y[:2])
+    assert "scoring training images" in capsys.readouterr().err

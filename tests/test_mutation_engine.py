@@ -394,3 +394,36 @@ def test_exact_hessian_sums_every_chunk_on_chosen_layers_and_casts_float32_image
         want = make_solver("exact", curvature=curvature, damping=0.1).fit(model, x, y).matrix
         got = make_solver("exact", curvature=curvature, damping=0.1).fit(model, x.float(), y).matrix
         assert got.dtype == torch.float64 and torch.allclose(got, want, atol=1e-6, rtol=0), curvature
+
+
+@pytest.mark.parametrize("lam,suggest", [(37.0, "70"), (0.2, "1"), (4.4, "9")])
+def test_lissa_advice_is_twice_the_eigenvalue_at_one_digit_and_at_least_one(monkeypatch, lam, suggest):
+    model, x, y = _logistic_problem()
+    lissa = make_solver("lissa", damping=0.1, scale=0.01, depth=500, batch_size=30, check_every=5).fit(
+        model, x, y, weight_decay=0.2)
+    monkeypatch.setattr(lissa, "largest_eigenvalue", lambda xb, yb: lam)
+    with pytest.raises(LiSSADivergenceError, match=rf"is about {lam:.3g} \(power iteration\).*Raise scale to about {suggest} \("):
+        lissa.inverse_hvp(torch.ones(1, 18, dtype=torch.float64))
+
+
+def test_lissa_settings_from_the_papers_names_default_to_one_repetition():
+    s = LiSSASettings.from_paper(damp=0.01, scale=10.0, depth=5)
+    assert (s.damping, s.scale, s.depth, s.repeat) == (pytest.approx(0.1), 10.0, 5, 1)
+
+
+def test_power_iteration_is_seeded_in_the_models_dtype_and_zero_on_a_layer_without_curvature():
+    model, x, y = _logistic_problem()
+    lissa = make_solver("lissa", damping=0.1, scale=10.0, depth=5, batch_size=30).fit(model, x, y, weight_decay=0.2)
+    x = x.float().double()  # values a float32 copy holds exactly
+    torch.manual_seed(1)
+    first = lissa.largest_eigenvalue(x, y)
+    torch.manual_seed(2)  # the global generator does not matter: the start vector is seeded
+    assert lissa.largest_eigenvalue(x.float(), y) == first  # float32 images are moved to the model's dtype
+    assert lissa.largest_eigenvalue(x, y, seed=5) != first
+    # every hidden unit dead: the first layer has exactly zero curvature (and no weight decay here)
+    dead = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        dead[1].weight.zero_()
+        dead[1].bias.fill_(-1.0)
+    flat = make_solver("lissa", damping=0.1, scale=10.0, depth=5, batch_size=30).fit(dead, x, y, weight_decay=0.0, layers=["1"])
+    assert flat.largest_eigenvalue(x, y) == 0.0

@@ -46,6 +46,9 @@ EQUIVALENT = {
     "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_21": "initial residual >= tol |b| instead of >: differs only if |b| = tol |b|, i.e. b = 0, where both are False",
     "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_23": "warned starts as None instead of False: both falsy, set to True on the first warning",
     "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_101": "relative residual >= tol instead of >: differs only when it equals tol exactly",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁscores__mutmut_10": "_n_classes(model, None): its second argument is unused",
+    "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_22": "two start rows normalised together: the ratio ||A V|| / ||V|| converges to the same largest eigenvalue",
+    "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
 # tests/test_distributed.py runs that path with two gloo processes, too slow to repeat per mutant, so it
@@ -61,7 +64,9 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_train_tensors__mutmut_{i}" for i in (6, 8, 10)}
           | {f"influence_over_inference.engine.solvers.base.xǁInverseHVPǁ_check_vectors__mutmut_{i}" for i in (20, 22)}
           | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁload_state_dict__mutmut_{i}" for i in (2, 4)}
-          | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (27, 31)})
+          | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (27, 31)}
+          | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁload_state_dict__mutmut_{i}" for i in (2, 4, 9, 11)}
+          | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
 
