@@ -403,3 +403,48 @@ def test_cg_is_silent_on_a_positive_definite_problem_and_solves_tiny_and_float32
         assert out32.dtype == torch.float32
         hess = make_solver("exact", curvature="hessian", damping=0.1).fit(model, x, y, weight_decay=WD).inverse_hvp(v)
         assert torch.allclose(out32.double(), hess, rtol=1e-3, atol=1e-4)
+
+
+def test_fast_subsamples_are_disjoint_down_to_one_example_and_too_few_examples_say_so(caplog):
+    torch.manual_seed(0)
+    x, y = blobs(5, (6,), 3, seed=16)
+    model = mlp().eval()
+    with caplog.at_level("WARNING"):
+        solver = FastSolver(damping=0.1, rank=3, n_samples=3, n_fits=4).fit(model, x, y, weight_decay=WD)
+    subs = solver.subsamples()
+    assert [len(s) for s in subs] == [1, 1, 1, 1] and len(set(torch.cat(subs).tolist())) == 4
+    assert [r.getMessage() for r in caplog.records] == [
+        "fast solver: 5 training examples hold 4 disjoint subsamples of 1, not 3"] * 2  # fit, then the call above
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        FastSolver(damping=0.1, rank=3, n_samples=2, n_fits=2).fit(model, x[:4], y[:4], weight_decay=WD)
+    assert caplog.records == []  # 4 examples hold 2 subsamples of 2: nothing to warn about
+    with pytest.raises(ValueError, match=r"^n_fits=8 disjoint subsamples need at least 8 training examples, got 5$"):
+        FastSolver(damping=0.1, rank=3, n_samples=3, n_fits=8).fit(model, x, y, weight_decay=WD)
+
+
+def test_fast_fit_is_seeded_and_needs_positive_total_damping():
+    torch.manual_seed(0)
+    x, y = blobs(40, (6,), 3, seed=17)
+    model = fit(mlp(), x, y, WD, steps=30)
+    fits = []
+    for global_seed in (1, 2):  # the randomized eigensolver draws from the solver's seed, not the global generator
+        torch.manual_seed(global_seed)
+        fits.append(FastSolver(damping=0.1, rank=8, n_samples=10, n_fits=3, eigh_iters=1).fit(model, x, y, weight_decay=WD))
+    assert torch.equal(fits[0].eigenvalues, fits[1].eigenvalues) and torch.equal(fits[0].eigenvectors, fits[1].eigenvectors)
+    undamped = FastSolver(damping=0.0, rank=8, n_samples=10, n_fits=1).fit(model, x, y, weight_decay=0.0)
+    with pytest.raises(ValueError, match=r"^the fast solver needs weight_decay \+ damping > 0 \(the rest of the spectrum is treated as 0\)$"):
+        undamped.inverse_hvp(torch.ones(1, undamped.n_params, dtype=torch.float64))
+
+
+def test_fast_with_more_factor_rows_than_parameters_drops_the_null_eigenvalues():
+    """60 factor rows of an 18-parameter model: the Gram matrix has rank <= 18, and its numerically zero
+    eigenvalues must not enter the basis (1 / sqrt(e) would blow rounding noise up)."""
+    torch.manual_seed(0)
+    x, y = blobs(20, (5,), 3, seed=18)
+    model = fit(logistic(), x, y, WD, steps=50)
+    fast = FastSolver(damping=0.1, rank=60, n_samples=20, eigh_iters=0).fit(model, x, y, weight_decay=WD)
+    assert len(fast.eigenvalues) <= 18
+    exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
+    v = torch.randn(3, 18, dtype=torch.float64)
+    assert torch.allclose(fast.inverse_hvp(v), exact.inverse_hvp(v), rtol=1e-8, atol=1e-10)

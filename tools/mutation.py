@@ -48,6 +48,14 @@ EQUIVALENT = {
     "influence_over_inference.engine.solvers.cg.xǁCGSolverǁinverse_hvp__mutmut_101": "relative residual >= tol instead of >: differs only when it equals tol exactly",
     "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁscores__mutmut_10": "_n_classes(model, None): its second argument is unused",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_22": "two start rows normalised together: the ratio ||A V|| / ||V|| converges to the same largest eigenvalue",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit__mutmut_7": "fits after the first seeded with seed - f instead of seed + f: other, still distinct and fixed starts of the randomized eigensolver",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_52": "Gram blocks start at every example instead of every chunk: each row is rewritten with the same values (slower, same matrix)",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_81": "'len(evals) or True': top_eigh returns rank >= 1 eigenvalues, so the other branch is never taken",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_82": ">= instead of > at the 1e-10 relative cut: differs only for an eigenvalue exactly at the cut",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_86": "branch for no eigenvalues: never taken, top_eigh returns rank >= 1 eigenvalues",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_87": "branch for no eigenvalues: never taken, top_eigh returns rank >= 1 eigenvalues",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_2": "per-class gradients materialised instead of the ghost pieces: the same Gram matrix by the slower route",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_4": "per-class gradients materialised instead of the ghost pieces: the same Gram matrix by the slower route",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
@@ -56,7 +64,9 @@ EQUIVALENT = {
 DISTRIBUTED_ONLY = "changes only the torch.distributed path (world size > 1); not in the mutation run's tests"
 DISTRIBUTED = ({f"influence_over_inference.engine.scores.x_self_influence__mutmut_{i}" for i in (8, 9, 12, 60, 61, 64, 65)}
                | {f"influence_over_inference.engine.scores.x_influence__mutmut_{i}" for i in (52, 53, 56, 96, 97, 100, 101)}
-               | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (34, 35, 38)})
+               | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (34, 35, 38)}
+               | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_{i}"
+                  for i in (7, 11, 12, 14, 15, 18, 19, 21, 22, 69)})
 # survivors that change only where the model lives on a GPU (a device argument dropped); they count as
 # survivors
 DEVICE_ONLY = "changes only where the model is on a GPU: a CPU-only run cannot see it (cuda-marked tests are skipped here)"
@@ -66,6 +76,7 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁload_state_dict__mutmut_{i}" for i in (2, 4)}
           | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (27, 31)}
           | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁload_state_dict__mutmut_{i}" for i in (2, 4, 9, 11)}
+          | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_{i}" for i in (40, 44, 57, 65, 107)}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
