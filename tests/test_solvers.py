@@ -448,3 +448,40 @@ def test_fast_with_more_factor_rows_than_parameters_drops_the_null_eigenvalues()
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
     v = torch.randn(3, 18, dtype=torch.float64)
     assert torch.allclose(fast.inverse_hvp(v), exact.inverse_hvp(v), rtol=1e-8, atol=1e-10)
+
+
+def test_fast_on_a_layer_without_curvature_is_the_damped_identity():
+    """Every hidden unit dead: the first layer's GGN is exactly zero, no eigenpair survives, and the inverse
+    is ``v / (weight_decay + damping)``."""
+    torch.manual_seed(0)
+    x, y = blobs(20, (6,), 3, seed=19)
+    dead = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).to(torch.float64).eval()
+    with torch.no_grad():
+        dead[1].weight.zero_()
+        dead[1].bias.fill_(-1.0)
+    fast = FastSolver(damping=0.1, rank=5, n_samples=10, n_fits=2).fit(dead, x, y, weight_decay=WD, layers=["1"])
+    assert fast.eigenvalues.shape == (0,) and fast.eigenvectors.shape == (28, 0)
+    v = torch.randn(2, 28, dtype=torch.float64)
+    assert torch.allclose(fast.inverse_hvp(v), v / (WD + 0.1), rtol=1e-14, atol=0)
+
+
+def test_top_eigh_is_a_full_eigh_up_to_a_third_of_the_size_and_seeded_beyond():
+    from influence_over_inference.engine.solvers.fast import top_eigh
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(61, 61, generator=gen, dtype=torch.float64)
+    matrix = a @ a.T / 61  # PSD, slowly decaying spectrum: 4 subspace iterations are not exact
+    full = torch.linalg.eigvalsh(matrix[:60, :60]).flip(0)[:20]
+    evals, evecs = top_eigh(matrix[:60, :60], 20, torch.Generator().manual_seed(1))
+    assert torch.allclose(evals, full, rtol=1e-12, atol=0)  # rank 20 of 60: a third, the full eigh
+    assert torch.allclose(evecs.T @ matrix[:60, :60] @ evecs, torch.diag(full), atol=1e-12)
+    approx, _ = top_eigh(matrix, 20, torch.Generator().manual_seed(1))  # rank 20 of 61: randomized
+    again, _ = top_eigh(matrix, 20, torch.Generator().manual_seed(1))
+    exact61 = torch.linalg.eigvalsh(matrix).flip(0)[:20]
+    assert torch.equal(approx, again) and not torch.allclose(approx, exact61, rtol=1e-9, atol=0)
+    assert torch.allclose(approx, exact61, rtol=0.2, atol=0)
+    # 3 * 20 < 70 <= 4 * 20: randomized too
+    b = torch.randn(70, 70, generator=gen, dtype=torch.float64)
+    m70 = b @ b.T / 70
+    assert not torch.allclose(top_eigh(m70, 20, torch.Generator().manual_seed(1))[0],
+                              torch.linalg.eigvalsh(m70).flip(0)[:20], rtol=1e-9, atol=0)

@@ -56,6 +56,9 @@ EQUIVALENT = {
     "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_87": "branch for no eigenvalues: never taken, top_eigh returns rank >= 1 eigenvalues",
     "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_2": "per-class gradients materialised instead of the ghost pieces: the same Gram matrix by the slower route",
     "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_4": "per-class gradients materialised instead of the ghost pieces: the same Gram matrix by the slower route",
+    "influence_over_inference.engine.solvers.fast.x__basis__mutmut_96": "torch.cat without dim=0: 0 is its default",
+    "influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_2": "default iters 5 instead of 4: never used, the solver always passes eigh_iters",
+    "influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_34": "start block drawn in float32, then cast to float64: another fixed, seeded start",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
@@ -77,6 +80,8 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (27, 31)}
           | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁload_state_dict__mutmut_{i}" for i in (2, 4, 9, 11)}
           | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_{i}" for i in (40, 44, 57, 65, 107)}
+          | {f"influence_over_inference.engine.solvers.fast.x__basis__mutmut_{i}" for i in (12, 14)}
+          | {"influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_30"}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
