@@ -286,3 +286,48 @@ def test_scores_check_test_labels_against_the_models_classes_and_show_progress_o
     capsys.readouterr()
     loud.scores(x[:2], y[:2])
     assert "scoring training images" in capsys.readouterr().err
+
+
+class _Payload:
+    """Pickles to a call that creates ``marker``: proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.marker,))
+
+
+def test_unusable_cache_entries_are_named_in_one_warning_and_recomputed(tmp_path, caplog, monkeypatch):
+    """Another key, a damaged file, a pickle payload (refused without running it, whatever the environment
+    says about torch.load's default): each is ignored with one line naming the file and why."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    engine, x, y = _small_engine(tmp_path)
+    values = engine.self_influence()
+    path = engine.cache_path("self_influence")
+
+    def reread():
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            fresh = _small_engine(tmp_path)[0]
+            assert torch.allclose(fresh.self_influence(), values, rtol=1e-12, atol=0)
+        return [r.getMessage() for r in caplog.records]
+
+    torch.save({"key": "0" * 64, "value": {"self_influence": values + 1}}, path)
+    assert reread() == [f"ignoring cache entry {path.name} (it was stored under another key)"]
+    path.write_bytes(b"\x80\x02")  # a cut-off pickle: EOFError, whose message is empty
+    assert reread() == [f"ignoring cache entry {path.name} (EOFError)"]
+    marker = tmp_path / "code-ran"
+    torch.save({"key": engine.cache_key("self_influence"), "value": {"self_influence": _Payload(marker)}}, path)
+    warned = reread()
+    assert len(warned) == 1 and warned[0].startswith(f"ignoring cache entry {path.name} (Weights only load failed")
+    assert not marker.exists(), "reading the cache ran code from its pickle"
+
+
+def test_the_engine_passes_its_progress_setting_to_the_solvers_fit(tmp_path, capsys):
+    loud, _, _ = _small_engine(tmp_path, progress=True)
+    capsys.readouterr()
+    loud.fit()
+    assert "fast solver: GGN factor" in capsys.readouterr().err

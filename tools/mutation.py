@@ -69,7 +69,10 @@ DISTRIBUTED = ({f"influence_over_inference.engine.scores.x_self_influence__mutmu
                | {f"influence_over_inference.engine.scores.x_influence__mutmut_{i}" for i in (52, 53, 56, 96, 97, 100, 101)}
                | {f"influence_over_inference.engine.solvers.exact.xǁExactSolverǁ_fit__mutmut_{i}" for i in (34, 35, 38)}
                | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_{i}"
-                  for i in (7, 11, 12, 14, 15, 18, 19, 21, 22, 69)})
+                  for i in (7, 11, 12, 14, 15, 18, 19, 21, 22, 69)}
+               | {f"influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ_load__mutmut_{i}"
+                  for i in (1, 4, 9, 10, 11, 12, 13, 14, 15, 16, 17)}
+               | {f"influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁfit__mutmut_{i}" for i in (3, 5, 8)})
 # survivors that change only where the model lives on a GPU (a device argument dropped); they count as
 # survivors
 DEVICE_ONLY = "changes only where the model is on a GPU: a CPU-only run cannot see it (cuda-marked tests are skipped here)"
@@ -82,6 +85,7 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_fit_one__mutmut_{i}" for i in (40, 44, 57, 65, 107)}
           | {f"influence_over_inference.engine.solvers.fast.x__basis__mutmut_{i}" for i in (12, 14)}
           | {"influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_30"}
+          | {f"influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ_read__mutmut_{i}" for i in (11, 14)}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
