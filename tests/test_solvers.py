@@ -485,3 +485,16 @@ def test_top_eigh_is_a_full_eigh_up_to_a_third_of_the_size_and_seeded_beyond():
     m70 = b @ b.T / 70
     assert not torch.allclose(top_eigh(m70, 20, torch.Generator().manual_seed(1))[0],
                               torch.linalg.eigvalsh(m70).flip(0)[:20], rtol=1e-9, atol=0)
+
+
+def test_fast_settings_accept_one_and_refuse_zero_with_a_message_that_says_what_to_set():
+    from influence_over_inference.engine.solvers.fast import FastSettings
+
+    FastSettings(rank=1, n_samples=1, chunk_size=1, n_fits=1, eigh_iters=0)  # the smallest valid settings
+    for field in ("rank", "n_samples", "chunk_size", "n_fits"):
+        with pytest.raises(ValueError, match=r"^rank, n_samples, n_fits and chunk_size must be >= 1$"):
+            FastSettings(**{field: 0})
+    with pytest.raises(ValueError, match=r"^eigh_iters must be >= 0 \(0 = exact eigh\), got -1$"):
+        FastSettings(eigh_iters=-1)
+    with pytest.raises(ValueError, match=r"^the fast solver uses the Gauss-Newton curvature; set curvature='ggn'$"):
+        FastSettings(curvature="hessian")
