@@ -498,3 +498,19 @@ def test_fast_settings_accept_one_and_refuse_zero_with_a_message_that_says_what_
         FastSettings(eigh_iters=-1)
     with pytest.raises(ValueError, match=r"^the fast solver uses the Gauss-Newton curvature; set curvature='ggn'$"):
         FastSettings(curvature="hessian")
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_curvature_of_chosen_layers_is_the_block_of_the_full_matrix(curvature):
+    """Few vectors (the autograd loop), many (vmap or factor rows) and the explicit matrix, for layers chosen;
+    the default curvature is the GGN."""
+    model, x, y = problem("mlp")
+    full = explicit_hessian(model, x, y) if curvature == "hessian" else explicit_ggn(model, x, y)
+    n1 = sum(t.numel() for n, t in model.named_parameters() if n.startswith("1."))
+    block = full[n1:, n1:]  # the second Linear ("3")
+    for k in (2, 9):
+        v = torch.randn(k, block.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+        assert rel(curvature_products(model, x, y, v, curvature, layers=["3"], chunk_size=17), v @ block) < 1e-10
+    assert rel(curvature_matrix(model, x, y, curvature, layers=["3"], chunk_size=25), block) < 1e-10
+    if curvature == "ggn":
+        assert rel(curvature_matrix(model, x, y), full) < 1e-10

@@ -59,6 +59,11 @@ EQUIVALENT = {
     "influence_over_inference.engine.solvers.fast.x__basis__mutmut_96": "torch.cat without dim=0: 0 is its default",
     "influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_2": "default iters 5 instead of 4: never used, the solver always passes eigh_iters",
     "influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_34": "start block drawn in float32, then cast to float64: another fixed, seeded start",
+    "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_3": "column block of 257 instead of 256: the same matrix, built in other slices",
+    "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_4": "chunks of 1001 examples instead of 1000: the same sums",
+    "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_6": "GGN built from curvature_products instead of its factor rows: the same matrix by a slower route",
+    "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_7": "GGN built from curvature_products instead of its factor rows: the same matrix by a slower route",
+    "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_60": "curvature_products' default chunk size instead of the setting: the same products",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
@@ -86,6 +91,7 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.solvers.fast.x__basis__mutmut_{i}" for i in (12, 14)}
           | {"influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_30"}
           | {f"influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ_read__mutmut_{i}" for i in (11, 14)}
+          | {f"influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_{i}" for i in (37, 42, 45)}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
