@@ -186,3 +186,12 @@ def test_grad_dot_bad_vectors_and_labels_say_what_is_wrong():
         grad_dot(model, x, y, torch.randn(2, p + 1, dtype=DTYPE))
     with pytest.raises(ValueError, match=r"^grad_dot: labels must have shape \(4,\)"):
         grad_dot(model, x, y[:3], v)
+
+
+def test_iter_grad_z_is_silent_by_default_and_names_its_bar_when_asked(capsys):
+    model = mlp().eval()
+    x, y = blobs(6, (6,), 3, seed=10)
+    assert len(list(iter_grad_z(model, (x, y), chunk_size=4))) == 2
+    assert capsys.readouterr().err == ""
+    list(iter_grad_z(model, (x, y), chunk_size=4, progress=True))
+    assert "training gradients" in capsys.readouterr().err

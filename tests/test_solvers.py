@@ -514,3 +514,25 @@ def test_curvature_of_chosen_layers_is_the_block_of_the_full_matrix(curvature):
     assert rel(curvature_matrix(model, x, y, curvature, layers=["3"], chunk_size=25), block) < 1e-10
     if curvature == "ggn":
         assert rel(curvature_matrix(model, x, y), full) < 1e-10
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_curvature_products_on_a_model_the_hooks_cannot_take(curvature):
+    """A LayerNorm net: the GGN goes through jvp / vjp (no factor rows), for all parameters and for layers."""
+    torch.manual_seed(0)
+    x, y = blobs(23, (6,), 3, seed=20)
+    model = fit(_layer_norm_net(), x, y, WD, steps=30).eval()
+    full = explicit_hessian(model, x, y) if curvature == "hessian" else explicit_ggn(model, x, y)
+    many = torch.randn(6, full.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert rel(curvature_products(model, x, y, many, curvature, chunk_size=10), many @ full) < 1e-10
+    n1 = 6 * 5 + 5
+    block = full[n1 : n1 + 10, n1 : n1 + 10]  # the LayerNorm ("2")
+    assert rel(curvature_products(model, x, y, many[:, :10], curvature, layers=["2"], chunk_size=10), many[:, :10] @ block) < 1e-10
+    if curvature == "ggn":
+        assert rel(curvature_products(model, x, y, many), many @ full) < 1e-10  # the default curvature
+
+
+def test_unknown_curvature_names_the_choices():
+    model, x, y = problem("logistic")
+    with pytest.raises(ValueError, match=r"^curvature must be one of \('ggn', 'hessian'\), got 'fisher'$"):
+        curvature_products(model, x, y, torch.zeros(1, 18, dtype=torch.float64), "fisher")

@@ -64,6 +64,13 @@ EQUIVALENT = {
     "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_6": "GGN built from curvature_products instead of its factor rows: the same matrix by a slower route",
     "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_7": "GGN built from curvature_products instead of its factor rows: the same matrix by a slower route",
     "influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_60": "curvature_products' default chunk size instead of the setting: the same products",
+    "influence_over_inference.engine.curvature.x_curvature_products__mutmut_3": "chunks of 1001 examples instead of 1000: the same sums",
+    "influence_over_inference.engine.curvature.x_curvature_products__mutmut_6": "exactly 4 vectors through vmap instead of the loop: the same products by another route",
+    "influence_over_inference.engine.curvature.x_curvature_products__mutmut_23": "GGN products by jvp / vjp instead of factor rows: the same products by a slower route",
+    "influence_over_inference.engine.curvature.x_curvature_products__mutmut_24": "GGN products by jvp / vjp instead of factor rows: the same products by a slower route",
+    "influence_over_inference.engine.curvature.x_curvature_products__mutmut_26": "hooks support judged on the whole model: where it differs, the jvp / vjp route gives the same products",
+    "influence_over_inference.engine.curvature.x_curvature_products__mutmut_86": "f_logits(p) without xb: its default argument is bound to the same chunk",
+    "influence_over_inference.engine.gradients.x_iter_grad_z__mutmut_27": "grad_z's default chunk inside one streamed chunk: the same gradients",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
