@@ -195,3 +195,27 @@ def test_iter_grad_z_is_silent_by_default_and_names_its_bar_when_asked(capsys):
     assert capsys.readouterr().err == ""
     list(iter_grad_z(model, (x, y), chunk_size=4, progress=True))
     assert "training gradients" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers", [None, ["2", "4.bias"]])
+def test_class_gradients_on_a_model_the_hooks_cannot_take(layers):
+    """Row [i, c] = sqrt(p_ic) * grad L(x_i, label c), through the Jacobian route (a LayerNorm net)."""
+    torch.manual_seed(0)
+    model = _layer_norm_net().eval()
+    x, _ = blobs(5, (6,), 3, seed=21)
+    probs, rows = class_gradients(model, x, layers)
+    assert torch.allclose(probs, torch.softmax(model(x), 1), atol=EXACT, rtol=0)
+    for c in range(3):
+        want = loop_grads(model, x, torch.full((5,), c), layers) * probs[:, c : c + 1].sqrt()
+        assert torch.allclose(rows[:, c], want, atol=EXACT, rtol=0)
+
+
+def test_grad_z_of_no_images_and_bad_inputs_name_the_function():
+    model = mlp().eval()
+    x, y = blobs(3, (6,), 3, seed=22)
+    assert grad_z(model, x[:0], y[:0]).shape == (0, count_selected(model))
+    assert grad_z(model, x[:0], y[:0], layers=["3"]).shape == (0, 27)
+    with pytest.raises(ValueError, match=r"^grad_z: labels must have shape \(3,\)"):
+        grad_z(model, x, y[:2])
+    with pytest.raises(ValueError, match=r"^class_gradients: expected a batch"):
+        class_gradients(model, x[0])

@@ -71,6 +71,12 @@ EQUIVALENT = {
     "influence_over_inference.engine.curvature.x_curvature_products__mutmut_26": "hooks support judged on the whole model: where it differs, the jvp / vjp route gives the same products",
     "influence_over_inference.engine.curvature.x_curvature_products__mutmut_86": "f_logits(p) without xb: its default argument is bound to the same chunk",
     "influence_over_inference.engine.gradients.x_iter_grad_z__mutmut_27": "grad_z's default chunk inside one streamed chunk: the same gradients",
+    "influence_over_inference.engine.gradients.x_class_gradients__mutmut_9": "hooks support judged on the whole model: where it differs, the Jacobian route gives the same rows",
+    "influence_over_inference.engine.gradients.x_class_gradients__mutmut_77": "identity in float32 instead of the probabilities' dtype: 0 and 1 are exact and promoted, the same rows",
+    "influence_over_inference.engine.gradients.x_class_gradients__mutmut_80": "identity in the default float32 instead of the probabilities' dtype: 0 and 1 are exact and promoted, the same rows",
+    "influence_over_inference.engine.gradients.x_class_gradients__mutmut_93": "einsum subscripts in upper case: the same contraction",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_30": "method 'auto' no longer takes the hooks: the vmap route gives the same gradients (slower)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_31": "method 'auto' no longer takes the hooks: the vmap route gives the same gradients (slower)",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
@@ -99,6 +105,7 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {"influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_30"}
           | {f"influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ_read__mutmut_{i}" for i in (11, 14)}
           | {f"influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_{i}" for i in (37, 42, 45)}
+          | {f"influence_over_inference.engine.gradients.x_class_gradients__mutmut_{i}" for i in (39, 44, 78, 81)}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
