@@ -132,7 +132,8 @@ def _cmd_lds(args, data) -> int:
     out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
     arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
-    stored = previous_run(out, arrays, config, data.source, test_idx) is not None
+    previous = previous_run(out, arrays, config, data.source, test_idx)  # read once, handed to run_lds
+    stored = previous is not None
     if args.retrain_only or not (args.no_retrain or stored):
         retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers)
     elif stored:  # the earlier run's stored subset outputs stand in for the models: nothing to retrain
@@ -141,7 +142,7 @@ def _cmd_lds(args, data) -> int:
         print(f"worker {worker}/{workers}: subset models done")  # noqa: T201 (CLI output)
         return 0
     r = run_lds(data, args.checkpoint, config, tuple(args.methods or FAST_METHODS + SLOW_METHODS), out=out,
-                arrays=arrays, cached_only=args.cached_only)
+                arrays=arrays, cached_only=args.cached_only, previous=previous)
     print(f"LDS over {r['n_subsets']} subset models, {r['n_test']} test images ({r['minutes']:.1f} min):")  # noqa: T201
     for name, m in r["methods"].items():
         if not m.get("computed"):

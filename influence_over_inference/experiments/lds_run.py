@@ -99,8 +99,8 @@ def _fast_is_v1() -> bool:
 
 def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None,
             methods: tuple[str, ...] = FAST_METHODS + SLOW_METHODS, cache_dir: str | os.PathLike = LDS_DIR,
-            out: str | os.PathLike = RESULT_PATH, arrays: str | os.PathLike = ARRAYS_PATH, cached_only: bool = False
-            ) -> dict:
+            out: str | os.PathLike = RESULT_PATH, arrays: str | os.PathLike = ARRAYS_PATH, cached_only: bool = False,
+            previous=None) -> dict:
     """Score ``methods`` against the subset models trained so far; returns (and writes) the result dict.
 
     ``cached_only``: report the methods whose scores are not cached yet as not computed (no new work),
@@ -110,6 +110,8 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     ``arrays``) is extended, not replaced: its other methods and fields are kept as they are, only
     ``methods`` are (re)scored, and its stored subset outputs are used when the subset models are
     no longer on disk. So ``--methods trak_1`` adds TRAK without retraining or rescoring the rest.
+    ``previous``: that earlier run as :func:`.lds.previous_run` returned it, when the caller has read it
+    already (it is read here otherwise).
     """
     from ..engine.hashing import file_sha256
     from ..study.checkpoints import load_checkpoint
@@ -121,7 +123,8 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
     sub_pos = nested_subset(test_idx, config.n_test_subset, config.test_seed + 1)
     outputs = load_outputs(data, config, test_idx, cache_dir)
-    previous = previous_run(out, arrays, config, data.source, test_idx)
+    if previous is None:
+        previous = previous_run(out, arrays, config, data.source, test_idx)
     if previous is not None and len(outputs["subsets"]) < config.n_subsets:
         log.info("subset models not all on disk (%d of %d): using the outputs stored in %s",
                  len(outputs["subsets"]), config.n_subsets, arrays)
