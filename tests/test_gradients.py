@@ -219,3 +219,17 @@ def test_grad_z_of_no_images_and_bad_inputs_name_the_function():
         grad_z(model, x, y[:2])
     with pytest.raises(ValueError, match=r"^class_gradients: expected a batch"):
         class_gradients(model, x[0])
+
+
+def test_grad_z_routes_take_the_chosen_layers_and_bad_methods_say_what_to_use():
+    torch.manual_seed(0)
+    model = conv().eval()
+    x, y = blobs(5, (3, 8, 8), 4, seed=23)
+    for method in ("vmap", "hooks", "auto"):
+        assert torch.allclose(grad_z(model, x, y, ["fc1", "conv2.weight"], method=method),
+                              loop_grads(model, x, y, ["fc1", "conv2.weight"]), atol=EXACT, rtol=0)
+    with pytest.raises(ValueError, match=r"^method must be 'auto', 'hooks' or 'vmap', got 'fast'$"):
+        grad_z(model, x, y, method="fast")
+    with pytest.raises(ValueError, match=r"^method='hooks' needs every chosen parameter to be the weight or bias of an "
+                                         r"nn\.Linear or a plain nn\.Conv2d; use method='vmap'$"):
+        grad_z(_layer_norm_net().eval(), *blobs(3, (6,), 3, seed=24), method="hooks")

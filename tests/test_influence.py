@@ -331,3 +331,31 @@ def test_the_engine_passes_its_progress_setting_to_the_solvers_fit(tmp_path, cap
     capsys.readouterr()
     loud.fit()
     assert "fast solver: GGN factor" in capsys.readouterr().err
+
+
+def test_engine_defaults_no_weight_decay_a_relative_cache_folder_and_the_splits_own_source(tmp_path, monkeypatch):
+    class Split:
+        def __init__(self, x, y, source):
+            self.x, self.y, self.source = x, y, source
+
+        def __len__(self):
+            return len(self.x)
+
+        def tensors(self, indices=None):
+            return (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
+
+    engine, x, y = _small_engine(tmp_path)
+    checkpoint = tmp_path / "model.pt"
+    monkeypatch.chdir(tmp_path)
+    plain = InfluenceEngine(engine.model, (x, y), make_solver("fast", damping=0.1, rank=20, n_samples=10), checkpoint=checkpoint)
+    plain.fit()
+    assert plain.solver.weight_decay == 0.0
+    assert str(plain.cache_path("scores").parent) == "data/influence"  # beside the working directory's data/
+
+    def key(train, **kw):
+        return InfluenceEngine(engine.model, train, make_solver("fast", damping=0.1, rank=20, n_samples=10),
+                               checkpoint=checkpoint, cache_dir=tmp_path / "c", **kw).cache_key("scores")
+
+    assert key(Split(x, y, "a")) == key((x, y), data_source="a")  # the split's own source when none is given
+    assert key(Split(x, y, "a")) != key(Split(x, y, "b"))
+    assert key((x, y)) == key((x, y), data_source="unknown")  # a pair has no source of its own

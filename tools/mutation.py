@@ -77,6 +77,40 @@ EQUIVALENT = {
     "influence_over_inference.engine.gradients.x_class_gradients__mutmut_93": "einsum subscripts in upper case: the same contraction",
     "influence_over_inference.engine.gradients.x_grad_z__mutmut_30": "method 'auto' no longer takes the hooks: the vmap route gives the same gradients (slower)",
     "influence_over_inference.engine.gradients.x_grad_z__mutmut_31": "method 'auto' no longer takes the hooks: the vmap route gives the same gradients (slower)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_127": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_128": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_129": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_130": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_131": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_132": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_133": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_134": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_135": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_136": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_137": "in a branch never taken: the hooks route returns before this loop (dead code, to remove)",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_92": "'hooks' never reaches this check: it returned or raised above",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_93": "'hooks' never reaches this check: it returned or raised above",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_35": "hooks support judged on the whole model: where it differs, the vmap route gives the same gradients",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_42": "dtype and device read from the model's first parameter instead of the first chosen one: the same for a model in one dtype on one device",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_44": "dtype and device read from the model's first parameter instead of the first chosen one: the same for a model in one dtype on one device",
+    "influence_over_inference.engine.gradients.x_grad_z__mutmut_63": "chunks start at every example instead of every chunk_size: each row is rewritten with the same values (slower)",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_55": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_59": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_62": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_68": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_70": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_75": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_78": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_79": "second backward of the Hessian: every parameter that reaches the loss reaches it again through the softmax, so no gradient is None and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_134": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_139": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_141": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_147": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_149": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_154": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_157": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.curvature.x__products_loop__mutmut_158": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ__init____mutmut_17": "_key_parts '' instead of None without a cache: never read then (cache_path returns None first)",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
@@ -106,6 +140,7 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ_read__mutmut_{i}" for i in (11, 14)}
           | {f"influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_{i}" for i in (37, 42, 45)}
           | {f"influence_over_inference.engine.gradients.x_class_gradients__mutmut_{i}" for i in (39, 44, 78, 81)}
+          | {f"influence_over_inference.engine.gradients.x_grad_z__mutmut_{i}" for i in (49, 53)}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
