@@ -359,3 +359,14 @@ def test_engine_defaults_no_weight_decay_a_relative_cache_folder_and_the_splits_
     assert key(Split(x, y, "a")) == key((x, y), data_source="a")  # the split's own source when none is given
     assert key(Split(x, y, "a")) != key(Split(x, y, "b"))
     assert key((x, y)) == key((x, y), data_source="unknown")  # a pair has no source of its own
+
+
+def test_cache_file_names_are_kind_solver_checkpoint_and_key(tmp_path):
+    from influence_over_inference.engine.hashing import file_sha256
+
+    engine, _, _ = _small_engine(tmp_path)
+    sha = file_sha256(tmp_path / "model.pt")
+    for kind, extra in (("scores", {"test": "0123"}), ("curvature", None)):
+        want = f"{kind}-fast-{sha[:8]}-{engine.cache_key(kind, extra)[:16]}.pt"
+        assert engine.cache_path(kind, extra) == tmp_path / "influence" / want
+    assert engine.cache_key("scores") != engine.cache_key("self_influence")

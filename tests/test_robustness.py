@@ -398,3 +398,16 @@ def test_unwritable_folder_is_named_in_one_line(tmp_path):
         io.check_writable_dir(tmp_path / "blocker", what="cache folder")
     assert io.check_writable_dir(tmp_path / "new" / "deep") == tmp_path / "new" / "deep"
     assert (tmp_path / "new" / "deep").is_dir() and list((tmp_path / "new" / "deep").iterdir()) == []
+
+
+def test_stale_temporaries_are_returned_and_logged_by_count_and_folder(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [tmp_path / f".rep.tmp-{dead.pid}-0123abcd.json", tmp_path / f".cache.tmp-{dead.pid}-89abcdef.pt"]
+    for p in stale:
+        p.write_text("half")
+    (tmp_path / "rep.json").write_text("{}")  # not a temporary: kept
+    with caplog.at_level("INFO", logger="influence_over_inference.engine.io"):
+        removed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted(stale) and (tmp_path / "rep.json").exists()
+    assert [r.getMessage() for r in caplog.records] == [f"removed 2 stale temporary file(s) of killed runs in {tmp_path.name}"]

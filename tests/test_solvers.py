@@ -536,3 +536,28 @@ def test_unknown_curvature_names_the_choices():
     model, x, y = problem("logistic")
     with pytest.raises(ValueError, match=r"^curvature must be one of \('ggn', 'hessian'\), got 'fisher'$"):
         curvature_products(model, x, y, torch.zeros(1, 18, dtype=torch.float64), "fisher")
+
+
+@pytest.mark.parametrize("layers", [None, ["2", "4"]])
+def test_fast_on_a_model_the_hooks_cannot_take_equals_exact_at_full_rank(layers, caplog, capsys):
+    """The per-class gradient rows route (a LayerNorm net): one fit on all examples at full rank is the exact
+    damped GGN inverse; its progress bar counts chunks, and is silent unless asked."""
+    torch.manual_seed(0)
+    x, y = blobs(12, (6,), 3, seed=25)
+    model = fit(_layer_norm_net(), x, y, WD, steps=30).eval()
+    fast = FastSolver(damping=0.1, rank=36, n_samples=12, eigh_iters=0, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers)
+    assert capsys.readouterr().err == ""
+    exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=layers)
+    v = torch.randn(2, exact.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(fast.inverse_hvp(v), exact.inverse_hvp(v), rtol=1e-8, atol=1e-10)
+    FastSolver(damping=0.1, rank=36, n_samples=12, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers, progress=True)
+    err = capsys.readouterr().err
+    assert "fast solver: GGN factor" in err and "chunk" in err
+
+
+def test_cg_says_when_it_holds_the_factor(caplog):
+    model, x, y = problem("mlp")
+    with caplog.at_level("INFO", logger="influence_over_inference.engine.solvers.cg"):
+        make_solver("cg", damping=0.1).fit(model, x, y, weight_decay=WD)
+    size = len(x) * 3 * sum(p.numel() for p in model.parameters()) * 8 / 2**20
+    assert [r.getMessage() for r in caplog.records] == [f"CG holds the GGN factor of {len(x)} examples ({size:.0f} MB)"]

@@ -111,6 +111,10 @@ EQUIVALENT = {
     "influence_over_inference.engine.curvature.x__products_loop__mutmut_157": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
     "influence_over_inference.engine.curvature.x__products_loop__mutmut_158": "J^T pullback: every parameter passed the first backward (no allow_unused there), so none is None here and zip lengths match",
     "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ__init____mutmut_17": "_key_parts '' instead of None without a cache: never read then (cache_path returns None first)",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_44": "the rows piece keyed by another name: the key only groups the pieces of one chunk",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_45": "the rows piece keyed by another name: the key only groups the pieces of one chunk",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_46": "the rows piece tagged by another kind: anything but 'outer' is read as rows",
+    "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_47": "the rows piece tagged by another kind: anything but 'outer' is read as rows",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
