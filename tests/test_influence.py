@@ -370,3 +370,15 @@ def test_cache_file_names_are_kind_solver_checkpoint_and_key(tmp_path):
         want = f"{kind}-fast-{sha[:8]}-{engine.cache_key(kind, extra)[:16]}.pt"
         assert engine.cache_path(kind, extra) == tmp_path / "influence" / want
     assert engine.cache_key("scores") != engine.cache_key("self_influence")
+
+
+def test_engine_fits_once_and_shows_progress_by_default(tmp_path, monkeypatch):
+    engine, x, y = _small_engine(tmp_path)
+    calls = []
+    real = engine.solver.fit
+    monkeypatch.setattr(engine.solver, "fit", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    engine.fit()
+    engine.scores(x[:2], y[:2])
+    engine.fit()
+    assert calls == [1]
+    assert InfluenceEngine(engine.model, (x, y), make_solver("fast"), cache_dir=None).progress is True

@@ -427,3 +427,41 @@ def test_power_iteration_is_seeded_in_the_models_dtype_and_zero_on_a_layer_witho
         dead[1].bias.fill_(-1.0)
     flat = make_solver("lissa", damping=0.1, scale=10.0, depth=5, batch_size=30).fit(dead, x, y, weight_decay=0.0, layers=["1"])
     assert flat.largest_eigenvalue(x, y) == 0.0
+
+
+def test_lissa_checks_the_last_step_and_takes_float32_minibatches():
+    model, x, y = _logistic_problem()
+    # a check only at step 0 and at the last step (49): a divergence that starts later is caught at 49
+    lissa = make_solver("lissa", damping=0.1, scale=0.05, depth=50, batch_size=30, check_every=1000).fit(
+        model, x, y, weight_decay=0.2)
+    with pytest.raises(LiSSADivergenceError, match=r"^LiSSA diverged at step 49 of repetition 0 "):
+        lissa.inverse_hvp(torch.ones(1, 18, dtype=torch.float64))
+    ok = make_solver("lissa", damping=0.1, scale=10.0, depth=20, batch_size=10).fit(model, x, y, weight_decay=0.2)
+    x32 = x.float()
+    batches64 = [(x32[i : i + 10].double(), y[i : i + 10]) for i in (0, 10, 20, 0, 10, 20, 0, 10, 20, 0) * 2]
+    batches32 = [(b.float(), t) for b, t in batches64]
+    v = torch.ones(1, 18, dtype=torch.float64)
+    assert torch.equal(ok.inverse_hvp(v, batches=batches32), ok.inverse_hvp(v, batches=batches64))
+
+
+def test_lissa_minibatches_partition_each_epoch():
+    model, x, y = _logistic_problem()
+    lissa = make_solver("lissa", damping=0.1, scale=10.0, depth=5, batch_size=10).fit(model, x, y, weight_decay=0.2)
+    rows = {tuple(xi.tolist()): i for i, xi in enumerate(x)}
+    batches = lissa._batches(torch.Generator().manual_seed(0))
+    for _ in range(2):  # two epochs of 30 examples in batches of 10
+        seen = sorted(rows[tuple(xi.tolist())] for _ in range(3) for xi in next(batches)[0])
+        assert seen == list(range(30))
+
+
+def test_lissa_settings_message_and_cg_max_iter_warning(caplog):
+    with pytest.raises(ValueError, match=r"^depth, repeat, batch_size and check_every must be >= 1$"):
+        LiSSASettings(depth=0)
+    model, x, y = _logistic_problem()
+    cg = make_solver("cg", damping=0.0, tol=1e-30, max_iter=2).fit(model, x, y, weight_decay=1e-3)
+    with caplog.at_level("WARNING"):
+        cg.inverse_hvp(torch.randn(1, 18, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"CG stopped at max_iter=2 with relative residual {cg.residuals[-1]:.2e} > tol=1.0e-30"]
+    assert cg.residuals[-1] > 1e-6
+    assert len(cg.residuals) == 3 and cg.residuals[-1] != cg.residuals[-2]

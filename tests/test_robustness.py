@@ -376,7 +376,8 @@ def test_pid_alive_without_signalling_the_process(monkeypatch):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert io._pid_alive(child.pid)
-        assert child.poll() is None  # only probed (signal 0), not hung up or killed
+        with pytest.raises(subprocess.TimeoutExpired):  # only probed (signal 0), not hung up or killed
+            child.wait(timeout=0.5)
     finally:
         child.kill()
         child.wait()
@@ -411,3 +412,33 @@ def test_stale_temporaries_are_returned_and_logged_by_count_and_folder(tmp_path,
         removed = remove_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted(stale) and (tmp_path / "rep.json").exists()
     assert [r.getMessage() for r in caplog.records] == [f"removed 2 stale temporary file(s) of killed runs in {tmp_path.name}"]
+
+
+def test_writers_name_their_temporaries_for_the_cleanup_and_write_json_with_indent_one(tmp_path, monkeypatch):
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(io.os, "replace", lambda src, dst: (seen.append(Path(src).name), real_replace(src, dst)))
+    io.write_json_atomic({"a": [1, {"b": 2}]}, tmp_path / "r.json")
+    assert len(seen) == 1 and io._TMP.match(seen[0]) and seen[0].endswith(".json")  # what remove_stale_temporaries finds
+    assert (tmp_path / "r.json").read_text() == json.dumps({"a": [1, {"b": 2}]}, indent=1)
+
+
+def test_check_writable_names_the_output_and_why(tmp_path, monkeypatch):
+    (tmp_path / "blocker").write_text("")
+    with pytest.raises(io.OutputNotWritableError) as error:
+        io.check_writable(tmp_path / "blocker" / "r.json")
+    assert str(error.value) == f"cannot write output {tmp_path / 'blocker' / 'r.json'}: {tmp_path / 'blocker'} is a file, not a folder"
+    (tmp_path / "r.json").write_text("{}")
+    monkeypatch.setattr(io.os, "access", lambda path, mode: False)  # as root every file is writable: pretend
+    with pytest.raises(io.OutputNotWritableError, match=r"^cannot write summary .*r\.json: the file is read-only$"):
+        io.check_writable(tmp_path / "r.json", what="summary")
+    monkeypatch.undo()
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(io.OutputNotWritableError) as error:
+        io.check_writable(tmp_path / "out" / "r.json")
+    assert str(error.value) == f"cannot write output {tmp_path / 'out' / 'r.json'}: No space left on device"
+

@@ -25,8 +25,8 @@ EQUIVALENT = {
     "influence_over_inference.engine.hashing.x_file_sha256__mutmut_14": "read(None) instead of 1 MiB blocks: same bytes hashed",
     "influence_over_inference.engine.hashing.x_file_sha256__mutmut_16": "2 MiB read blocks instead of 1 MiB: same bytes hashed",
     "influence_over_inference.engine.hashing.x_file_sha256__mutmut_17": "1 << 21 read blocks instead of 1 << 20: same bytes hashed",
-    "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_59": "config default None instead of {}: build_model(None) is build_model({}), the default Net",
-    "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_61": "blob.get('config') without default (None): build_model(None) is build_model({}), the default Net",
+    "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_66": "config default None instead of {}: build_model(None) is build_model({}), the default Net",
+    "influence_over_inference.study.checkpoints.x_load_checkpoint__mutmut_68": "blob.get('config') without default (None): build_model(None) is build_model({}), the default Net",
     "influence_over_inference.engine.scores.x_self_influence__mutmut_20": "torch.empty(2, ...) instead of (1, ...): only row 0 is filled and returned",
     "influence_over_inference.engine.scores.x_top_k__mutmut_17": "topk without dim=1: the default dim=-1 is dim 1 of the (n_test, n_train) matrix",
     "influence_over_inference.engine.scores.x_top_k__mutmut_18": "topk without largest=True: True is topk's default",
@@ -115,6 +115,19 @@ EQUIVALENT = {
     "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_45": "the rows piece keyed by another name: the key only groups the pieces of one chunk",
     "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_46": "the rows piece tagged by another kind: anything but 'outer' is read as rows",
     "influence_over_inference.engine.solvers.fast.xǁFastSolverǁ_factor_parts__mutmut_47": "the rows piece tagged by another kind: anything but 'outer' is read as rows",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁscores__mutmut_2": "the engine's early label check without labels: s_test repeats the same check, with the same message, before any work",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁscores__mutmut_3": "the engine's early label check without the class count: s_test repeats the same check, with the same message, before any work",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁscores__mutmut_7": "the engine's early label check without the class count: s_test repeats the same check, with the same message, before any work",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁscores__mutmut_9": "the engine's early label check without the class count: s_test repeats the same check, with the same message, before any work",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ__init____mutmut_46": "a tuple of layer names kept as a tuple in the key: JSON writes it as the same list",
+    "influence_over_inference.engine.influence_engine.xǁInfluenceEngineǁ__init____mutmut_52": "_fitted starts as None instead of False: both falsy",
+    "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁinverse_hvp__mutmut_62": "norm >= limit instead of >: differs only when a norm equals the limit exactly",
+    "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁ_batch_product__mutmut_15": "curvature_products' default chunk instead of the whole minibatch: the same products",
+    "influence_over_inference.engine.gradients.x_grad_dot__mutmut_23": "hooks support judged on the whole model: where it differs, the grad_z route gives the same products",
+    "influence_over_inference.engine.gradients.x_grad_dot__mutmut_36": "grad_z's default chunk size in the fallback route: the same gradients",
+    "influence_over_inference.engine.io.x__probe_folder__mutmut_17": "a 9-character random part in the probe's name instead of 8: still unique, removed at once",
+    "influence_over_inference.engine.io.x__probe_folder__mutmut_19": "the probe file holds 4 bytes instead of none: written and removed at once",
+    "influence_over_inference.engine.solvers.fast.x_top_eigh__mutmut_38": "start block drawn in float32, then cast to float64: another fixed, seeded start",
     "influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_24": "start vector scaled by its norm instead of divided: the first step's normalisation makes every later iterate the same",
 }
 # survivors that are not equivalent but change behaviour only under torch.distributed (world size > 1):
@@ -145,6 +158,7 @@ DEVICE = ({f"influence_over_inference.engine.scores.x_s_test__mutmut_{i}" for i 
           | {f"influence_over_inference.engine.curvature.x_curvature_matrix__mutmut_{i}" for i in (37, 42, 45)}
           | {f"influence_over_inference.engine.gradients.x_class_gradients__mutmut_{i}" for i in (39, 44, 78, 81)}
           | {f"influence_over_inference.engine.gradients.x_grad_z__mutmut_{i}" for i in (49, 53)}
+          | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁinverse_hvp__mutmut_{i}" for i in (31, 33, 35)}
           | {f"influence_over_inference.engine.solvers.lissa.xǁLiSSASolverǁlargest_eigenvalue__mutmut_{i}" for i in (4, 6, 8, 12, 14)})
 KILLED, SURVIVED, TIMEOUT = {1, 3}, {0}, {-24, 24, 36}  # mutmut 3 exit codes (36/-24: timeout)
 NO_TESTS = 33  # no selected test calls the mutated function: counted as survived
