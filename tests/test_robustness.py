@@ -388,6 +388,9 @@ def test_pid_alive_without_signalling_the_process(monkeypatch):
 
     monkeypatch.setattr(io.os, "kill", not_ours)
     assert io._pid_alive(12345)  # another user's process: its files are left alone
+    sent = []
+    monkeypatch.setattr(io.os, "kill", lambda pid, sig: sent.append(sig))
+    assert io._pid_alive(12345) and sent == [0]  # signal 0 probes; any other would act (SIGHUP may be ignored here)
 
 
 def test_unwritable_folder_is_named_in_one_line(tmp_path):
