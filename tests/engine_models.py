@@ -18,6 +18,36 @@ def mlp(d: int = 6, h: int = 8, c: int = 3) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(d, h), nn.Tanh(), nn.Linear(h, c)).to(DTYPE)
 
 
+def layer_norm_net() -> nn.Module:
+    """An MLP with a LayerNorm: parameters the hooks route cannot take (vmap / Jacobian routes instead)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
+
+
+def dead_relu_net(d: int = 6, h: int = 5, c: int = 3, dead: int | None = None) -> nn.Module:
+    """``d -> h -> ReLU -> c`` with hidden units that never fire (the first ``dead``; all by default): their
+    incoming and outgoing weights have exactly zero curvature."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(d, h), nn.ReLU(), nn.Linear(h, c)).to(DTYPE)
+    with torch.no_grad():
+        model[1].weight[:dead] = 0.0
+        model[1].bias[:dead] = -1.0
+    return model.eval()
+
+
+class UserSplit:
+    """A user's own data object: ``tensors(indices)`` indexes as given (no dtype conversion of its own)."""
+
+    def __init__(self, x, y, source=None):
+        self.x, self.y = x, y
+        if source is not None:
+            self.source = source
+
+    def __len__(self):
+        return len(self.x)
+
+    def tensors(self, indices=None):
+        return (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
+
+
 class TinyConv(nn.Module):
     """LeNet's shape at toy size: (B, 3, 8, 8) -> conv 3x3 -> relu -> pool -> conv 3x3 -> relu -> fc -> relu -> fc."""
 

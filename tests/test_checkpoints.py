@@ -10,6 +10,7 @@ import re
 
 import pytest
 import torch
+from conftest import PicklePayload
 from torch import nn
 
 import influence_over_inference.study.checkpoints as checkpoints
@@ -105,22 +106,12 @@ def test_checkpoint_saved_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path, monkeyp
     assert next(model.parameters()).device.type == "cpu"
 
 
-class _Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-
-        return (os.mkdir, (self.marker,))
-
-
 def test_pickle_payload_is_refused_even_when_the_environment_relaxes_torchs_default(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # makes weights_only default to False
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
     torch.save({"format": FORMAT, "architecture": "Net", "config": SMALL, "state_dict": _small().state_dict(),
-                "metadata": {"x": _Payload(marker)}}, path)
+                "metadata": {"x": PicklePayload(marker)}}, path)
     text = _error(path)
     assert "holds pickled Python objects" in text and "save model.state_dict() instead" in text
     assert not marker.exists(), "loading the checkpoint ran code from its pickle"

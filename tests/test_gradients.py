@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from engine_models import DTYPE, blobs, conv, logistic, mlp
+from engine_models import DTYPE, blobs, conv, layer_norm_net, logistic, mlp
 from torch import nn
 
 from influence_over_inference.engine.gradients import class_gradients, grad_z, iter_grad_z
@@ -152,13 +152,8 @@ def test_grad_dot_equals_materialised_products(name, make, shape, c):
     assert torch.allclose(norms, (g * g).sum(1), atol=EXACT, rtol=0)
 
 
-def _layer_norm_net() -> nn.Module:
-    """A model the hook path cannot take (a LayerNorm's parameters): grad_dot falls back to grad_z."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(DTYPE)
-
-
-@pytest.mark.parametrize("make,layers", [(conv, ["fc2", "conv1.bias"]), (_layer_norm_net, None),
-                                         (_layer_norm_net, ["2", "4.weight"])])
+@pytest.mark.parametrize("make,layers", [(conv, ["fc2", "conv1.bias"]), (layer_norm_net, None),
+                                         (layer_norm_net, ["2", "4.weight"])])
 def test_grad_dot_with_chosen_layers_and_on_models_the_hooks_cannot_take(make, layers):
     from influence_over_inference.engine.gradients import grad_dot
 
@@ -203,7 +198,7 @@ def test_iter_grad_z_is_silent_by_default_and_names_its_bar_when_asked(capsys):
 def test_class_gradients_on_a_model_the_hooks_cannot_take(layers):
     """Row [i, c] = sqrt(p_ic) * grad L(x_i, label c), through the Jacobian route (a LayerNorm net)."""
     torch.manual_seed(0)
-    model = _layer_norm_net().eval()
+    model = layer_norm_net().eval()
     x, _ = blobs(5, (6,), 3, seed=21)
     probs, rows = class_gradients(model, x, layers)
     assert torch.allclose(probs, torch.softmax(model(x), 1), atol=EXACT, rtol=0)
@@ -234,4 +229,4 @@ def test_grad_z_routes_take_the_chosen_layers_and_bad_methods_say_what_to_use():
         grad_z(model, x, y, method="fast")
     with pytest.raises(ValueError, match=r"^method='hooks' needs every chosen parameter to be the weight or bias of an "
                                          r"nn\.Linear or a plain nn\.Conv2d; use method='vmap'$"):
-        grad_z(_layer_norm_net().eval(), *blobs(3, (6,), 3, seed=24), method="hooks")
+        grad_z(layer_norm_net().eval(), *blobs(3, (6,), 3, seed=24), method="hooks")

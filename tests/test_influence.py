@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from engine_models import blobs, fit, logistic, mlp
+from conftest import PicklePayload
+from engine_models import UserSplit, blobs, fit, logistic, mlp
 from torch import nn
 
 from influence_over_inference.engine.gradients import grad_z
@@ -288,18 +289,6 @@ def test_scores_check_test_labels_against_the_models_classes_and_show_progress_o
     assert "scoring training images" in capsys.readouterr().err
 
 
-class _Payload:
-    """Pickles to a call that creates ``marker``: proof that loading ran code."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        import os
-
-        return (os.mkdir, (self.marker,))
-
-
 def test_unusable_cache_entries_are_named_in_one_warning_and_recomputed(tmp_path, caplog, monkeypatch):
     """Another key, a damaged file, a pickle payload (refused without running it, whatever the environment
     says about torch.load's default): each is ignored with one line naming the file and why."""
@@ -320,7 +309,7 @@ def test_unusable_cache_entries_are_named_in_one_warning_and_recomputed(tmp_path
     path.write_bytes(b"\x80\x02")  # a cut-off pickle: EOFError, whose message is empty
     assert reread() == [f"ignoring cache entry {path.name} (EOFError)"]
     marker = tmp_path / "code-ran"
-    torch.save({"key": engine.cache_key("self_influence"), "value": {"self_influence": _Payload(marker)}}, path)
+    torch.save({"key": engine.cache_key("self_influence"), "value": {"self_influence": PicklePayload(marker)}}, path)
     warned = reread()
     assert len(warned) == 1 and warned[0].startswith(f"ignoring cache entry {path.name} (Weights only load failed")
     assert not marker.exists(), "reading the cache ran code from its pickle"
@@ -334,16 +323,6 @@ def test_the_engine_passes_its_progress_setting_to_the_solvers_fit(tmp_path, cap
 
 
 def test_engine_defaults_no_weight_decay_a_relative_cache_folder_and_the_splits_own_source(tmp_path, monkeypatch):
-    class Split:
-        def __init__(self, x, y, source):
-            self.x, self.y, self.source = x, y, source
-
-        def __len__(self):
-            return len(self.x)
-
-        def tensors(self, indices=None):
-            return (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
-
     engine, x, y = _small_engine(tmp_path)
     checkpoint = tmp_path / "model.pt"
     monkeypatch.chdir(tmp_path)
@@ -356,8 +335,8 @@ def test_engine_defaults_no_weight_decay_a_relative_cache_folder_and_the_splits_
         return InfluenceEngine(engine.model, train, make_solver("fast", damping=0.1, rank=20, n_samples=10),
                                checkpoint=checkpoint, cache_dir=tmp_path / "c", **kw).cache_key("scores")
 
-    assert key(Split(x, y, "a")) == key((x, y), data_source="a")  # the split's own source when none is given
-    assert key(Split(x, y, "a")) != key(Split(x, y, "b"))
+    assert key(UserSplit(x, y, "a")) == key((x, y), data_source="a")  # the split's own source when none is given
+    assert key(UserSplit(x, y, "a")) != key(UserSplit(x, y, "b"))
     assert key((x, y)) == key((x, y), data_source="unknown")  # a pair has no source of its own
 
 

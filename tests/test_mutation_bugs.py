@@ -6,12 +6,12 @@ sign experiment removing the wrong images (float64, tiny models, seconds)."""
 
 from __future__ import annotations
 
-import os
 import re
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import PicklePayload
 from engine_models import blobs, fit, logistic, mlp
 
 from influence_over_inference.commands.influence import _weight_decay
@@ -27,22 +27,12 @@ WD = 1e-3
 LISSA_REL = 0.05  # LiSSA (converged, 3 repetitions) vs exact, relative error of the whole vector
 
 
-class _Payload:
-    """Unpickling this object creates the folder ``marker``: the proof that code ran."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 def test_checkpoint_loader_refuses_a_pickle_payload_without_running_it(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
     net = Net(channels=(2, 2), hidden=(4, 4))
     torch.save({"format": FORMAT, "version": 1, "architecture": "Net", "config": net.config,
-                "state_dict": net.state_dict(), "metadata": {"x": _Payload(marker)}}, path)
+                "state_dict": net.state_dict(), "metadata": {"x": PicklePayload(marker)}}, path)
     with pytest.raises(CheckpointError, match="pickled Python objects|not a readable PyTorch checkpoint"):
         load_checkpoint(path)
     assert not marker.exists(), "loading the checkpoint ran code from its pickle"

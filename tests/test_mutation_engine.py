@@ -14,7 +14,7 @@ import re
 
 import pytest
 import torch
-from engine_models import blobs, fit, logistic, mlp
+from engine_models import blobs, dead_relu_net, fit, logistic, mlp
 
 from influence_over_inference.engine.hashing import file_sha256
 from influence_over_inference.engine.scores import influence, self_influence, top_k
@@ -421,10 +421,7 @@ def test_power_iteration_is_seeded_in_the_models_dtype_and_zero_on_a_layer_witho
     assert lissa.largest_eigenvalue(x.float(), y) == first  # float32 images are moved to the model's dtype
     assert lissa.largest_eigenvalue(x, y, seed=5) != first
     # every hidden unit dead: the first layer has exactly zero curvature (and no weight decay here)
-    dead = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(5, 4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).double()
-    with torch.no_grad():
-        dead[1].weight.zero_()
-        dead[1].bias.fill_(-1.0)
+    dead = dead_relu_net(d=5, h=4)
     flat = make_solver("lissa", damping=0.1, scale=10.0, depth=5, batch_size=30).fit(dead, x, y, weight_decay=0.0, layers=["1"])
     assert flat.largest_eigenvalue(x, y) == 0.0
 

@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from engine_models import DTYPE, blobs, conv, fit, logistic, mlp, trained_conv
+from engine_models import DTYPE, UserSplit, blobs, conv, fit, logistic, mlp, trained_conv
 from torch import nn
 
 from influence_over_inference.engine.influence_engine import InfluenceEngine
@@ -116,26 +116,13 @@ def test_engine_method_equals_the_function_and_bad_inputs_raise():
         predicted_change(maps, torch.zeros(3, 3, 8, 8))
 
 
-class _UserSplit:
-    """A user's own data object: ``tensors(indices)`` indexes as given (no dtype conversion of its own)."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def tensors(self, indices=None):
-        return (self.x, self.y) if indices is None else (self.x[indices], self.y[indices])
-
-
 def test_engine_maps_of_chosen_layers_for_indices_of_any_integer_type():
     import numpy as np
 
     model, x, y = trained_conv(n=60)
     xt, yt = blobs(2, (3, 8, 8), 4, seed=1, noise=2.0)
     layers = ["fc2"]
-    engine = InfluenceEngine(model, _UserSplit(x, y), make_solver("exact", damping=0.01), weight_decay=WD, layers=layers,
+    engine = InfluenceEngine(model, UserSplit(x, y), make_solver("exact", damping=0.01), weight_decay=WD, layers=layers,
                              cache_dir=None)
     direct = perturbation_influence(model, engine.s_test(xt, yt), x[[4, 9]], y[[4, 9]], len(x), layers)
     assert not torch.allclose(direct, perturbation_influence(model, s_test(model, xt, yt, make_solver("exact", damping=0.01).fit(

@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_models import blobs, conv, fit, logistic, mlp, trained_conv  # noqa: I001
+from engine_models import (  # noqa: I001
+    blobs,
+    conv,
+    dead_relu_net,
+    fit,
+    layer_norm_net,
+    logistic,
+    mlp,
+    trained_conv,
+)
 from torch import nn
 
 from influence_over_inference.engine.curvature import curvature_matrix, curvature_products
@@ -312,16 +321,12 @@ def test_fast_state_loads_in_the_models_dtype_and_without_n_fits_means_one_fit()
     assert served.inverse_hvp(v.float()).dtype == torch.float32
 
 
-def _layer_norm_net() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).to(torch.float64)
-
-
 def test_cg_holds_the_ggn_factor_exactly_when_it_fits_its_memory_cap():
     """The factor (n C P floats) is kept when its size is at most ``max_factor_mb`` (each iteration is then two
     matmuls), also for chosen layers of a model the hooks cannot take whole; else products are streamed."""
     torch.manual_seed(0)
     x, y = blobs(30, (6,), 3, seed=12)
-    model = fit(_layer_norm_net(), x, y, WD, steps=30)
+    model = fit(layer_norm_net(), x, y, WD, steps=30)
     layers = ["1", "4"]  # the two Linear layers
     p = sum(t.numel() for n, t in model.named_parameters() if n.split(".")[0] in layers)
     size_mb = 30 * 3 * p * 8 / 2**20
@@ -355,19 +360,10 @@ def test_logits_jacobian_of_chosen_layers_and_its_input_check():
         logits_jacobian(model, x[0, 0])
 
 
-def _dead_unit_net() -> nn.Module:
-    """An MLP whose first hidden unit never fires: its outgoing weights have exactly zero curvature."""
-    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).to(torch.float64)
-    with torch.no_grad():
-        model[1].weight[0] = 0.0
-        model[1].bias[0] = -1.0
-    return model.eval()
-
-
 def test_cg_warns_once_naming_the_curvature_when_it_meets_zero_curvature(caplog):
     torch.manual_seed(0)
     x, y = blobs(20, (6,), 3, seed=14)
-    model = _dead_unit_net()
+    model = dead_relu_net(dead=1)
     cg = make_solver("cg", curvature="hessian", damping=0.0, max_iter=3).fit(model, x, y, weight_decay=0.0)
     b = torch.zeros(1, cg.n_params, dtype=torch.float64)
     b[0, 6 * 5 + 5] = 1.0  # the second Linear's weight from the dead unit
@@ -455,10 +451,7 @@ def test_fast_on_a_layer_without_curvature_is_the_damped_identity():
     is ``v / (weight_decay + damping)``."""
     torch.manual_seed(0)
     x, y = blobs(20, (6,), 3, seed=19)
-    dead = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).to(torch.float64).eval()
-    with torch.no_grad():
-        dead[1].weight.zero_()
-        dead[1].bias.fill_(-1.0)
+    dead = dead_relu_net(h=4)
     fast = FastSolver(damping=0.1, rank=5, n_samples=10, n_fits=2).fit(dead, x, y, weight_decay=WD, layers=["1"])
     assert fast.eigenvalues.shape == (0,) and fast.eigenvectors.shape == (28, 0)
     v = torch.randn(2, 28, dtype=torch.float64)
@@ -521,7 +514,7 @@ def test_curvature_products_on_a_model_the_hooks_cannot_take(curvature):
     """A LayerNorm net: the GGN goes through jvp / vjp (no factor rows), for all parameters and for layers."""
     torch.manual_seed(0)
     x, y = blobs(23, (6,), 3, seed=20)
-    model = fit(_layer_norm_net(), x, y, WD, steps=30).eval()
+    model = fit(layer_norm_net(), x, y, WD, steps=30).eval()
     full = explicit_hessian(model, x, y) if curvature == "hessian" else explicit_ggn(model, x, y)
     many = torch.randn(6, full.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     assert rel(curvature_products(model, x, y, many, curvature, chunk_size=10), many @ full) < 1e-10
@@ -544,7 +537,7 @@ def test_fast_on_a_model_the_hooks_cannot_take_equals_exact_at_full_rank(layers,
     damped GGN inverse; its progress bar counts chunks, and is silent unless asked."""
     torch.manual_seed(0)
     x, y = blobs(12, (6,), 3, seed=25)
-    model = fit(_layer_norm_net(), x, y, WD, steps=30).eval()
+    model = fit(layer_norm_net(), x, y, WD, steps=30).eval()
     fast = FastSolver(damping=0.1, rank=36, n_samples=12, eigh_iters=0, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers)
     assert capsys.readouterr().err == ""
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=layers)
