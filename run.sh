@@ -38,7 +38,7 @@ case "${1:-main}" in
     unset PYTHONDONTWRITEBYTECODE
     start=$(date +%s)
     python -m mutmut run --max-children "${MUTMUT_CHILDREN:-$(nproc)}" "$@" || true
-    python tools/mutation.py --minutes "$(( ($(date +%s) - start) / 60 ))"
+    python tools/mutation.py --minutes "$(python -c "print(round(($(date +%s) - $start) / 60, 1))")"
     ;;
   main)
     python -m influence_over_inference train --json results/train.json

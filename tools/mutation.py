@@ -170,6 +170,11 @@ def source_sha256(module: str, root: Path = Path(".")) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def _verdicts(row: dict) -> int:
+    """Mutants of a module with a verdict: killed, timed out, survived or shown equivalent."""
+    return row["killed"] + row["timed_out"] + row["survived"] + row["equivalent"]
+
+
 def summarise(mutants: Path, minutes: float | None, previous: dict | None = None, root: Path = Path(".")) -> dict:
     """Verdicts per module from ``mutants/``; rows of ``previous`` (an earlier summary) fill the modules this
     run has no verdict for, when their ``source_sha256`` still matches the file under ``root``."""
@@ -196,14 +201,12 @@ def summarise(mutants: Path, minutes: float | None, previous: dict | None = None
                 row["survivors"].append({"mutant": name, "equivalent": bool(reason), "reason": why})
             else:
                 row["other"] += 1
-        verdicts = row["killed"] + row["survived"] + row["timed_out"] + row["equivalent"]
-        if verdicts == 0 and module in kept:  # not run now: the earlier verdicts on the same source stand
+        if _verdicts(row) == 0 and module in kept:  # not run now: the earlier verdicts on the same source stand
             row = kept[module]
-        elif verdicts == 0:
-            not_run += row["not_run"]
-            continue  # no mutant of this module run yet
         else:
             not_run += row["not_run"]
+            if _verdicts(row) == 0:
+                continue  # no mutant of this module run yet
             now.append(module)
             row["source_sha256"] = source_sha256(module, root)
         modules[module] = row
@@ -215,13 +218,11 @@ def summarise(mutants: Path, minutes: float | None, previous: dict | None = None
         killed, survived = totals[group]
         return round(killed / (killed + survived), 3) if killed + survived else None
 
-    n_run = sum(r["killed"] + r["survived"] + r["equivalent"] + r["timed_out"] for r in modules.values())
+    n_run = sum(_verdicts(r) for r in modules.values())
     # the mutmut runs behind these verdicts, earlier ones included (a rerun of survivors adds to a module's run)
     runs = [r for r in (previous or {}).get("runs", []) if set(r["modules"]) & set(modules)]
     if now:
-        runs.append({"minutes": minutes, "n_mutants": sum(
-            modules[m]["killed"] + modules[m]["survived"] + modules[m]["equivalent"] + modules[m]["timed_out"] for m in now),
-            "modules": now})
+        runs.append({"minutes": minutes, "n_mutants": sum(_verdicts(modules[m]) for m in now), "modules": now})
     total = sum(r["minutes"] or 0 for r in runs) or None
     return {
         "tool": "mutmut 3.8.1 (bash run.sh mutate; config in pyproject.toml [tool.mutmut])",
