@@ -19,7 +19,7 @@ the LDS, and its correction vectors to the stability test images' s_test; one fi
 the training gradients scores all configurations at once.
 
 Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--eigh-iters 4] [--section cnn_sweep]``
-(n_fits 1, 4, 8 and 16 up to ``--fits``, per n_samples value). What was run (sections of the JSON):
+(n_fits 1, 4, 8, 16, 32 and 64 up to ``--fits``, per n_samples value). What was run (sections of the JSON):
 ``cnn_sweep`` (the defaults above), ``cnn_sweep_exact_eigh`` (``--m 500 --fits 1 --eigh-iters 0``),
 ``cnn_sweep_16_fits`` (``--m 500 --fits 16``). ``--small '[{}, {"n_fits": 1, "damping": 0.01}, ...]'``
 instead writes ``small_net_pearson``: Pearson against exact influence on the benchmark's 3,702-parameter
@@ -235,7 +235,7 @@ def main(argv=None):
                 log.info("fit m=%d seed=%d f=%d (peak RSS %.0f MB)", m, s, f, _peak_mb())
                 fits[s].append(fit_products(solvers[s], m, s, f, g_lds, g_stable, gs, cache))
         fit_seconds[str(m)] = float(np.mean([float(b["seconds"]) for s in SEEDS for b in fits[s]]))
-        for n_fits in sorted({1, 4, 8, 16} & set(range(1, max_fits + 1))):
+        for n_fits in sorted({1, 4, 8, 16, 32, 64} & set(range(1, max_fits + 1))):
             for d in DAMPINGS:
                 configs.append({"n_samples": m, "n_fits": n_fits, "damping": d, "fits": {s: fits[s][:n_fits] for s in SEEDS}})
     # s_test of the stability images for every configuration and seed, then one scoring pass

@@ -44,9 +44,9 @@ import hygiene  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "engine.json"
 TIMED = ("epoch", "t100", "kronfluence")
-# idle-machine seconds per stage at 1 thread (issue 9: epoch 8.0 s, fast t100 41.8 s, kronfluence ~276 s),
-# plus ~10 s to start each process and load the data; stability and small: rough
-ESTIMATE_S = {"stability": 90, "small": 120, "epoch": 8 + 10, "t100": 42 + 10, "kronfluence": 276 + 10}
+# idle-machine seconds per stage at 1 thread (epoch 5.3 s; default t100 about 105 s with 16 fits of 250 images;
+# kronfluence 170 s), plus ~10 s to start each process and load the data; stability and small: rough
+ESTIMATE_S = {"stability": 240, "small": 120, "epoch": 5 + 10, "t100": 105 + 10, "kronfluence": 170 + 10}
 # keys an earlier bench/engine.py run measured under load, superseded by this run's idle timings
 UNDER_LOAD_KEYS = ("epoch_s", "epoch_call_s", "t100_fast_s", "fast_fit_s", "fast_s_test_s", "fast_scoring_s",
                    "t100_fast_epochs", "kronfluence_t100_s", "kronfluence_fit_s", "kronfluence_scores_s",

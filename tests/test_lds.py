@@ -171,6 +171,11 @@ def test_adding_a_method_reuses_the_stored_subset_outputs_and_keeps_the_other_me
                 arrays=tmp_path / "lds.npz")
     assert r["methods"]["fast"] == old["methods"]["fast"]  # untouched
     assert r["methods"]["random"]["computed"] and r["methods"]["random"]["n_test"] == 10
+    from influence_over_inference.engine.hashing import file_sha256
+
+    sha = file_sha256(checkpoint)  # which checkpoint each method's scores came from: "fast" came from an unrecorded one
+    assert r["checkpoint_sha256"] == r["methods"]["random"]["checkpoint_sha256"] == sha
+    assert r["methods_from_other_checkpoints"] == ["fast"]
     assert json.loads((tmp_path / "lds.json").read_text()) == r
     blob = np.load(tmp_path / "lds.npz")
     assert np.array_equal(blob["margins"], margins) and np.array_equal(blob["fast_margin"], np.ones(10))

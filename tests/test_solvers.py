@@ -197,6 +197,25 @@ def test_fast_solver_averages_the_inverses_of_disjoint_fits(small):
     assert torch.equal(again.inverse_hvp(v), fast.inverse_hvp(v))
 
 
+def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(small, monkeypatch):
+    """The bases go into one preallocated matrix in fit order; a later fit with more columns than the
+    first (fewer zero eigenvalues) grows it, one with fewer leaves no unused column behind."""
+    _, model, x, y, _ = small
+    widths = iter([1, 3, 1])  # room for 3 after the first; the second grows it; 2 columns left unused
+    made = []
+
+    def fake_fit_one(self, idx, generator):
+        k = next(widths)
+        made.append((torch.rand(k, dtype=torch.float64) + 1, torch.randn(self.n_params, k, dtype=torch.float64)))
+        return made[-1]
+
+    monkeypatch.setattr(FastSolver, "_fit_one", fake_fit_one)
+    fast = make_solver("fast", n_samples=10, n_fits=3).fit(model, x, y, weight_decay=WD)
+    assert fast.n_fits == 3
+    assert torch.equal(fast.eigenvalues, torch.cat([e for e, _ in made]))
+    assert torch.equal(fast.eigenvectors, torch.cat([u for _, u in made], dim=1)) and fast.eigenvectors.is_contiguous()
+
+
 def test_fast_solver_subsamples_shrink_to_fit_a_small_training_set():
     model, x, y = problem("mlp", n=40)
     fast = make_solver("fast", damping=0.05, rank=20, n_samples=30, n_fits=4).fit(model, x, y, weight_decay=WD)

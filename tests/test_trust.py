@@ -40,3 +40,13 @@ def test_results_become_figures_and_plain_words(tmp_path):
     assert "weak signal" in words[2]
     lds_fig, stab_fig = trust.trust_figures(lds, engine)
     assert len(lds_fig.axes[0].patches) == 4 and len(stab_fig.axes[0].patches) == 3
+
+
+def test_methods_scored_on_an_earlier_checkpoint_are_marked_in_the_figure_and_the_words():
+    lds = {**LDS, "methods_from_other_checkpoints": ["trak_10", "gone"]}  # a name without a row is not mentioned
+    words = trust.trust_sentences(lds, trust.load_stability("/nonexistent/engine.json"))
+    marked = [w for w in words if "earlier training of the same recipe" in w]
+    assert len(marked) == 1 and marked[0].endswith("the rest: trak_10.") and "gone" not in marked[0]
+    labels = [t.get_text() for t in trust.plot_lds(lds).axes[0].get_yticklabels()]
+    assert labels[0] == "trak_10 (10 models) [earlier checkpoint]" and "fast [default]" in labels
+    assert not any("earlier" in w for w in trust.trust_sentences(LDS, trust.load_stability("/nonexistent/engine.json")))

@@ -27,7 +27,7 @@ from .lds import (
     previous_run,
     subset_masks,
 )
-from .lds_methods import FAST_V1
+from .lds_methods import FAST_V1, FAST_V2
 from .lds_score import lds_summary
 from .store import settings_key
 
@@ -37,11 +37,11 @@ RESULT_PATH = Path("results/lds.json")
 
 ARRAYS_PATH = Path("results/lds.npz")
 
-FAST_METHODS = ("fast", "fast_v1", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
+FAST_METHODS = ("fast", "fast_v1", "fast_v2", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
 
 SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
 
-OUR_FAST = {"fast": {}, "fast_v1": FAST_V1}  # the fast solver's settings per method name: its defaults, and v1
+OUR_FAST = {"fast": {}, "fast_v1": FAST_V1, "fast_v2": FAST_V2}  # the fast solver's settings per method name: its defaults, v1, v2
 
 
 def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoint=None):
@@ -92,6 +92,15 @@ def total_minutes(result: dict) -> float:
     return float(models + methods / 60)
 
 
+def other_checkpoint_methods(result: dict) -> list[str]:
+    """Computed methods whose scores came from another checkpoint than ``result["checkpoint_sha256"]`` (or an
+    unrecorded one): an earlier run's, kept when a retrained checkpoint (training is not bit-reproducible
+    across machines) rescored only some methods. They are not like for like with the others."""
+    sha = result.get("checkpoint_sha256")
+    return sorted(name for name, m in result.get("methods", {}).items()
+                  if m.get("computed") and m.get("checkpoint_sha256") != sha)
+
+
 def _fast_is_v1() -> bool:
     from ..engine.solvers import make_solver
     return make_solver("fast").describe() == make_solver("fast", **OUR_FAST["fast_v1"]).describe()
@@ -135,7 +144,8 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     masks = subset_masks(len(data.train), config)[done]
     x, y = data.test.tensors(test_idx)
     work = Path(cache_dir) / "scores"
-    key = settings_key({"checkpoint": file_sha256(checkpoint), "data_source": data.source,
+    checkpoint_sha = file_sha256(checkpoint)
+    key = settings_key({"checkpoint": checkpoint_sha, "data_source": data.source,
                         "test": test_idx.tolist()})
     result = {"n_subsets": int(len(done)), "n_subsets_planned": config.n_subsets, "n_test": int(len(test_idx)),
               "n_test_subset": int(len(sub_pos)), "alpha": config.alpha, "data_source": data.source,
@@ -147,6 +157,7 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     if previous is not None:  # extend the earlier run: its fields and other methods as they were
         result, per_test = previous[0], dict(previous[1]["per_test"])
         result["methods"] = dict(result.get("methods", {}))
+    result["checkpoint_sha256"] = checkpoint_sha
     for name in methods:
         slow = name in SLOW_METHODS
         pos = sub_pos if slow else np.arange(len(test_idx))
@@ -185,7 +196,8 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
         else:
             summary.update({k.replace("_ci", "_subset_ci") if k.endswith("_ci") else f"{k}_subset": v
                             for k, v in summary.items() if k.startswith("lds")})
-        summary.update({"n_models": int(described.get("n_models", 1)), "seconds": seconds, "settings": described, "computed": True})
+        summary.update({"n_models": int(described.get("n_models", 1)), "seconds": seconds, "settings": described,
+                        "computed": True, "checkpoint_sha256": checkpoint_sha})
         result["methods"][name] = summary
         per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
         result["minutes"] = total_minutes(result)
@@ -197,5 +209,6 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
                  summary["lds_loss"])
     result["minutes"] = total_minutes(result)
     result["minutes_this_run"] = (time.perf_counter() - start) / 60
+    result["methods_from_other_checkpoints"] = other_checkpoint_methods(result)
     write_json_atomic(result, out)
     return result

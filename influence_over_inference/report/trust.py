@@ -120,8 +120,9 @@ def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> F
     else:
         fig = ax.figure
     default = lds.get("default_solver")
+    earlier = set(lds.get("methods_from_other_checkpoints") or ())
     names = [f"{name}" + (f" ({n} models)" if n and n > 1 else "") + (" [default]" if name == default else "")
-             for name, _, _, n in rows]
+             + (" [earlier checkpoint]" if name in earlier else "") for name, _, _, n in rows]
     values = [v for _, v, _, _ in rows]
     err = [[v - (ci or (v, v))[0] for _, v, ci, _ in rows], [(ci or (v, v))[1] - v for _, v, ci, _ in rows]]
     colors = ["#0969da" if name == default else "#8c959f" for name, _, _, _ in rows]
@@ -198,6 +199,10 @@ def trust_sentences(lds, engine) -> list[str]:
     if best != default:
         line += f"; the best method here is {best} ({rows[best][0]:.2f})"
     out.append(line + ".")
+    earlier = [name for name in (lds.get("methods_from_other_checkpoints") or ()) if name in rows]
+    if earlier:
+        out.append(f"Scored on an earlier training of the same recipe (training is not bit-reproducible across "
+                   f"machines), so not like for like with the rest: {', '.join(earlier)}.")
     if ci and ci[0] <= 0:
         out.append("That is not distinguishable from chance: the scores do not predict what retraining does.")
     elif v < 0.2:

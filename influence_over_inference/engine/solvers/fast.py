@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 class FastSettings:
     damping: float = 0.1  # lambda: extra damping added to GGN + weight_decay I (issue 9's sweep: 0.01 ranks less stably)
     rank: int = 500  # number of top GGN eigenpairs kept per fit (at most n_samples * n_classes)
-    n_samples: int = 500  # training examples per fit whose per-class gradients form the GGN factor
-    n_fits: int = 8  # independent fits on disjoint seeded subsamples; their inverses are averaged (seed stability)
+    n_samples: int = 250  # training examples per fit whose per-class gradients form the GGN factor
+    n_fits: int = 16  # independent fits on disjoint seeded subsamples; their inverses are averaged (seed stability)
     eigh_iters: int = 4  # subspace iterations of the randomized eigensolver; 0 = exact eigh of the Gram
     seed: int = 0  # seeds the subsamples (and the randomized eigensolver)
     chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
@@ -67,29 +67,43 @@ class FastSolver(InverseHVP):
     in the inverse, so averaging costs fits, not scoring); self-influence of every training image
     needs only its products with the ``F rank`` basis vectors (:meth:`basis`).
 
-    Why these defaults (issue 9; ``python bench/fast_design_cnn.py``, bench/results/fast_design.json
-    ``cnn_sweep``): on the real CNN (top GGN eigenvalue ~31, the 500th ~0.19), two fits that differ
-    only in their seed agree, over all 50,000 training images (mean of 10 test images), at
-    Spearman 0.60 with one 500-image fit at damping 0.01 (the earlier default; 6.9 and 6.8 of
-    their top-10 helpful and harmful shared), 0.84 with 4 fits and 0.90 with 8; damping raises it
-    further (8 fits: 0.925 at 0.1, 0.948 at 0.3), 1,000 images per fit does not (4 fits: 0.83).
-    The LDS against 50 retrained halves (500 test images, ``results/lds.npz``) moves less: 0.060
-    (one fit, 0.01), 0.066 (8 fits, 0.01), 0.063 (8 fits, 0.1), 0.060 (8 fits, 0.3), 0.068
-    (4 fits of 1,000 images, 0.01); kronfluence's EK-FAC 0.070, gradient dot product 0.023. The
-    default, 8 fits of 500 images at damping 0.1, is the trade-off: Spearman 0.925, 8.7 of the
-    top-10 helpful and 9.4 of the top-10 harmful shared, LDS 0.063, at 8 times one fit's cost
-    and 8 x 124 MB of basis.
-    ``n_fits=16`` meets the stability goals (Spearman 0.958, 9.0 and 9.4 of 10 shared; LDS 0.064) at
-    twice that cost.
+    Why these defaults (issue 9; ``python bench/fast_design_cnn.py``, bench/results/fast_design.json):
+    on the real CNN (top GGN eigenvalue ~31, the 500th ~0.19), two fits that differ only in their
+    seed agree, over all 50,000 training images (mean of 10 test images), at Spearman 0.60 with one
+    500-image fit at damping 0.01 (the first default; 6.9 and 6.8 of their top-10 helpful and
+    harmful shared). Averaging fits is what moves it; more images per fit does not, so for a given
+    fit time many small fits beat a few large ones (the Gram matrix and its eigenpairs cost the
+    square of the rows). Section ``cnn_sweep_small_fits`` (one checkpoint, LDS on 500 test images
+    against 50 retrained halves, seeds 0 / 1, fit seconds at 2 threads under load):
+
+    ==========  =======  ===============  ============  =================  ======
+    images x    damping  seed Spearman    top-10 shared LDS                fit s
+    fits
+    ==========  =======  ===============  ============  =================  ======
+    500 x 8     0.1      0.928            9.0 / 9.0     0.057 / 0.058      89
+    500 x 16    0.1      0.960            9.1 / 9.0     0.058 / 0.058      178
+    250 x 16    0.1      0.961            9.3 / 9.1     0.054 / 0.055      59
+    250 x 16    0.03     0.953            9.2 / 9.1     0.056 / 0.057      59
+    125 x 16    0.01     0.957            9.5 / 9.3     0.053 / 0.054      25
+    250 x 32    0.01     0.972            9.3 / 9.1     0.057 / 0.059      117
+    ==========  =======  ===============  ============  =================  ======
+
+    The default, 16 fits of 250 images at damping 0.1 and rank 500, meets the stability goal
+    (Spearman >= 0.95, >= 9 of the top 10 shared) at two thirds of the fit time of the earlier
+    8 x 500 default, for an LDS 0.003 lower (inside its interval, but on both seeds) and twice the
+    basis memory (16 x 124 MB). Smaller fits and lower damping trade fidelity: on the benchmark's
+    3,702-parameter conv net (2,000 training images, so 16 fits of 125), Pearson against exact
+    influence from the explicit damped GGN is 0.958 at damping 0.1 but 0.898 at 0.03 (8 fits of
+    250 at 0.1: 0.983; ``small_net_pearson``); fewer columns per fit lower the LDS (rank 250:
+    0.052, ``cnn_sweep_rank250``). Earlier sweeps on an earlier checkpoint (``cnn_sweep``,
+    ``cnn_sweep_16_fits``): damping raises stability and lowers the LDS; 1,000 images per fit do
+    not help stability (4 fits: 0.83).
     An isotropic model of the rest of the spectrum (``1/(d + c)`` outside the span instead of
     ``1/d``) lowered the LDS for every ``c`` tried. ``eigh_iters=4`` puts the 500th eigenvalue
     ~8.5% low, but an exact eigh (``eigh_iters=0``, 3.2 times the fit time) gave the same seed
     Spearman (0.598 vs 0.599 at damping 0.01) and LDS (0.060). Where the model is small, ``n_samples`` at
     least the training set gives one fit on all of it, exact for the GGN at full rank
-    (tests/test_solvers.py). On the benchmark's 3,702-parameter conv net (2,000 training images,
-    so 8 fits of 250), against exact influence from the explicit damped GGN (float64, mean over
-    20 test images): Pearson 0.987 at the default damping 0.1 and 0.916 at 0.01, against 0.817
-    for the old default at 0.01 (``small_net_pearson`` in the same JSON).
+    (tests/test_solvers.py).
     """
 
     name = "fast"
@@ -115,12 +129,25 @@ class FastSolver(InverseHVP):
         return [perm[f * m : (f + 1) * m].sort().values for f in range(s.n_fits)]
 
     def _fit(self) -> None:
-        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), concatenated; the inverses are averaged."""
-        fits = [self._fit_one(idx, torch.Generator().manual_seed(self.settings.seed + f))
-                for f, idx in enumerate(self.subsamples())]
-        self.n_fits = len(fits)
-        self.eigenvalues = torch.cat([e for e, _ in fits])  # (F r,)
-        self.eigenvectors = torch.cat([u for _, u in fits], dim=1)  # (P, F r), orthonormal columns within each fit
+        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), side by side; the inverses are averaged.
+
+        Each fit's basis is written into one preallocated (P, F r) matrix as it comes, so the bases
+        are never held twice (a concatenation at the end would double the peak memory)."""
+        subsamples = self.subsamples()
+        evals, basis, used = [], None, 0
+        for f, idx in enumerate(subsamples):
+            e, u = self._fit_one(idx, torch.Generator().manual_seed(self.settings.seed + f))
+            if basis is None:  # room for as many columns per fit as the first kept
+                basis = u.new_empty(u.shape[0], len(subsamples) * max(u.shape[1], 1))
+            if used + u.shape[1] > basis.shape[1]:  # a later fit kept more (fewer zero eigenvalues): grow
+                basis = torch.cat([basis[:, :used], u.new_empty(u.shape[0], (len(subsamples) - f) * u.shape[1])], dim=1)
+            basis[:, used : used + u.shape[1]] = u
+            used += u.shape[1]
+            evals.append(e)
+            del u
+        self.n_fits = len(subsamples)
+        self.eigenvalues = torch.cat(evals)  # (F r,)
+        self.eigenvectors = basis if used == basis.shape[1] else basis[:, :used].clone()  # (P, F r), orthonormal within each fit
 
     def _fit_one(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Factor pieces of the subsample ``idx``, their Gram matrix, its top eigenpairs, the basis.
@@ -146,8 +173,11 @@ class FastSolver(InverseHVP):
         gram = torch.zeros(m * n_classes, m * n_classes, dtype=torch.float64, device=self.device)
         for b0 in range(0, len(mine), s.chunk_size):  # in whole chunks: the same products in any number of processes
             block = mine[b0 : b0 + s.chunk_size]
-            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device)] = _gram_rows(parts64, block.to(self.device))
+            first = int(block[0]) * n_classes  # the Gram is symmetric: only the columns from this chunk on
+            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device), first:] = _gram_rows(
+                parts64, block.to(self.device), int(block[0]))
         gram = all_reduce_sum(gram) / m  # Gram of factor = rows / sqrt(m)
+        _mirror_upper_blocks(gram, s.chunk_size * n_classes)
         evals = evecs = None
         if is_main():
             evals, evecs = top_eigh(gram, s.rank, generator, iters=s.eigh_iters)
@@ -211,20 +241,28 @@ class FastSolver(InverseHVP):
 
 
 
-def _gram_rows(parts: dict, mine: torch.Tensor) -> torch.Tensor:
-    """Rows ``mine`` (sample positions, all their classes) of the factor's Gram matrix (|mine| C, m C), unscaled."""
+def _gram_rows(parts: dict, mine: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """Rows ``mine`` (sample positions, all their classes) of the factor's Gram matrix, unscaled, in the
+    columns of samples ``first`` on: (|mine| C, (m - first) C)."""
     out = None
     for kind, *t in parts.values():
         if kind == "outer":
             g, a = t  # (m, C, out), (m, in)
             n_classes = g.shape[1]
-            gg = g[mine].reshape(-1, g.shape[-1]) @ g.reshape(-1, g.shape[-1]).T  # (|mine| C, m C)
-            term = gg * (a[mine] @ a.T).repeat_interleave(n_classes, 0).repeat_interleave(n_classes, 1)
+            gg = g[mine].reshape(-1, g.shape[-1]) @ g[first:].reshape(-1, g.shape[-1]).T  # (|mine| C, (m - first) C)
+            term = gg * (a[mine] @ a[first:].T).repeat_interleave(n_classes, 0).repeat_interleave(n_classes, 1)
         else:
             r = t[0].reshape(t[0].shape[0], -1, t[0].shape[-1])  # (m, C, k)
-            term = r[mine].reshape(-1, r.shape[-1]) @ r.reshape(-1, r.shape[-1]).T
+            term = r[mine].reshape(-1, r.shape[-1]) @ r[first:].reshape(-1, r.shape[-1]).T
         out = term if out is None else out + term
     return out
+
+
+def _mirror_upper_blocks(gram: torch.Tensor, block: int) -> None:
+    """Fill, in place, the blocks below the diagonal blocks of size ``block`` from those above (only those were computed)."""
+    for r0 in range(0, len(gram), block):
+        r1 = r0 + block
+        gram[r1:, r0:r1] = gram[r0:r1, r1:].T
 
 
 def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
