@@ -21,7 +21,7 @@ read at run time, never written here. Each stage runs in its own process (``benc
 and waits for an idle machine first. Child results are cached under ``data/bench/trust-<key>/``
 (``--fresh`` ignores them); a run that reused any says so (``resumed``).
 
-    python bench/trust.py                        # the full run on an idle machine (about 20 min)
+    python bench/trust.py                        # the full run on an idle machine (about 30 min)
     python bench/trust.py --kronfluence-repeats 3 --kronfluence-threads 1
     python bench/trust.py --smoke                # seconds: synthetic data, tiny sizes, not a benchmark
 """
