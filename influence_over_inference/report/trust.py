@@ -102,6 +102,11 @@ def lds_rows(lds: Mapping, key: str = "lds_margin") -> list[tuple[str, float, tu
     return sorted(rows, key=lambda r: -r[1])
 
 
+def _earlier_checkpoint(lds: Mapping) -> list[str]:
+    """The methods ``validate lds`` scored on another checkpoint than the rest (``methods_from_other_checkpoints``)."""
+    return list(lds.get("methods_from_other_checkpoints") or ())
+
+
 def _missing_figure(missing: Missing) -> Figure:
     fig = Figure(figsize=(8, 1.3))
     ax = fig.subplots()  # an (invisible) axes: the notebook's inline backend skips figures without one
@@ -120,7 +125,7 @@ def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> F
     else:
         fig = ax.figure
     default = lds.get("default_solver")
-    earlier = set(lds.get("methods_from_other_checkpoints") or ())
+    earlier = set(_earlier_checkpoint(lds))
     names = [f"{name}" + (f" ({n} models)" if n and n > 1 else "") + (" [default]" if name == default else "")
              + (" [earlier checkpoint]" if name in earlier else "") for name, _, _, n in rows]
     values = [v for _, v, _, _ in rows]
@@ -199,7 +204,7 @@ def trust_sentences(lds, engine) -> list[str]:
     if best != default:
         line += f"; the best method here is {best} ({rows[best][0]:.2f})"
     out.append(line + ".")
-    earlier = [name for name in (lds.get("methods_from_other_checkpoints") or ()) if name in rows]
+    earlier = [name for name in _earlier_checkpoint(lds) if name in rows]
     if earlier:
         out.append(f"Scored on an earlier training of the same recipe (training is not bit-reproducible across "
                    f"machines), so not like for like with the rest: {', '.join(earlier)}.")

@@ -173,9 +173,9 @@ class FastSolver(InverseHVP):
         gram = torch.zeros(m * n_classes, m * n_classes, dtype=torch.float64, device=self.device)
         for b0 in range(0, len(mine), s.chunk_size):  # in whole chunks: the same products in any number of processes
             block = mine[b0 : b0 + s.chunk_size]
-            first = int(block[0]) * n_classes  # the Gram is symmetric: only the columns from this chunk on
-            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device), first:] = _gram_rows(
-                parts64, block.to(self.device), int(block[0]))
+            first = int(block[0])  # the Gram is symmetric: only the columns of this chunk's samples on
+            gram[rows_mine[b0 * n_classes : (b0 + len(block)) * n_classes].to(self.device), first * n_classes:] = _gram_rows(
+                parts64, block.to(self.device), first)
         gram = all_reduce_sum(gram) / m  # Gram of factor = rows / sqrt(m)
         _mirror_upper_blocks(gram, s.chunk_size * n_classes)
         evals = evecs = None
