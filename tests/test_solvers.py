@@ -216,6 +216,27 @@ def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(sma
     assert torch.equal(fast.eigenvectors, torch.cat([u for _, u in made], dim=1)) and fast.eigenvectors.is_contiguous()
 
 
+def test_fast_basis_sums_the_classes_of_each_samples_outer_rows_before_the_products():
+    """``_basis`` equals ``rows^T coef`` with the Linear-weight rows ``g[i, c] a[i]^T`` built one by
+    one, for a subset of the samples and more columns than one block of 64."""
+    from influence_over_inference.engine.solvers.fast import _basis
+
+    gen = torch.Generator().manual_seed(0)
+    m, n_classes, n_out, n_in, k = 7, 3, 4, 5, 70
+    g = torch.randn(m, n_classes, n_out, generator=gen, dtype=torch.float64)
+    a = torch.randn(m, n_in, generator=gen, dtype=torch.float64)
+    other = torch.randn(m, n_classes, 6, generator=gen, dtype=torch.float64)
+    coef = torch.randn(m * n_classes, k, generator=gen, dtype=torch.float64)
+    mine = torch.tensor([1, 4, 5])
+    parts = {"fc.weight": ("outer", g, a), "other": ("rows", other)}
+    got = _basis(parts, coef, mine)
+    rows = torch.cat([(g[:, :, :, None] * a[:, None, None, :]).reshape(m, n_classes, -1), other], dim=2)  # (m, C, P)
+    picked = (mine[:, None] * n_classes + torch.arange(n_classes)).reshape(-1)
+    expected = rows.reshape(m * n_classes, -1)[picked].T @ coef[picked]
+    assert got.shape == (n_out * n_in + 6, k)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_fast_solver_subsamples_shrink_to_fit_a_small_training_set():
     model, x, y = problem("mlp", n=40)
     fast = make_solver("fast", damping=0.05, rank=20, n_samples=30, n_fits=4).fit(model, x, y, weight_decay=WD)

@@ -266,7 +266,12 @@ def _mirror_upper_blocks(gram: torch.Tensor, block: int) -> None:
 
 
 def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-    """``rows^T coef`` (P, r) summed over the factor rows of the samples ``mine`` only (the rest is other ranks')."""
+    """``rows^T coef`` (P, r) summed over the factor rows of the samples ``mine`` only (the rest is other ranks').
+
+    A Linear weight's rows ``g[i, c] a[i]^T`` share their input across the classes, so its block is
+    ``sum_i (sum_c coef[ic] g[i, c]) a[i]^T``: the classes are summed before the outer products
+    (C times fewer multiply-adds than summing the C rows of each sample one by one).
+    """
     blocks = []
     n_classes = next(iter(parts.values()))[1].shape[1]
     rows = (mine[:, None] * n_classes + torch.arange(n_classes, device=mine.device)).reshape(-1)
@@ -274,14 +279,13 @@ def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
     for kind, *t in parts.values():
         if kind == "outer":
             g, a = t  # (m, C, out), (m, in)
-            g = g[mine].reshape(-1, g.shape[-1])  # (R, out)
-            a_rows = a[mine].repeat_interleave(n_classes, 0)  # (R, in)
+            g, a = g[mine], a[mine]  # (M, C, out), (M, in)
+            per_sample = coef.reshape(len(mine), n_classes, coef.shape[1])  # (M, C, r)
             cols = []
             for k0 in range(0, coef.shape[1], 64):
-                w = coef[:, k0 : k0 + 64]  # (R, k)
-                weighted = (w.T[:, :, None] * g[None]).transpose(1, 2)  # (k, out, R)
-                cols.append((weighted @ a_rows).reshape(w.shape[1], -1).T)  # (out*in, k)
-            blocks.append(torch.cat(cols, dim=1) if cols else g.new_zeros(g.shape[1] * a.shape[1], 0))
+                h = torch.einsum("mco,mck->kom", g, per_sample[:, :, k0 : k0 + 64])  # (k, out, M): classes summed
+                cols.append((h @ a).reshape(h.shape[0], -1).T)  # (out*in, k)
+            blocks.append(torch.cat(cols, dim=1) if cols else g.new_zeros(g.shape[2] * a.shape[1], 0))
         else:
             r = t[0][mine]
             blocks.append(r.reshape(-1, r.shape[-1]).T @ coef)  # (numel, r)
