@@ -207,7 +207,7 @@ def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(sma
     def fake_fit_one(self, idx, generator):
         k = next(widths)
         made.append((torch.rand(k, dtype=torch.float64) + 1, torch.randn(self.n_params, k, dtype=torch.float64)))
-        return made[-1]
+        return (*made[-1], None)
 
     monkeypatch.setattr(FastSolver, "_fit_one", fake_fit_one)
     fast = make_solver("fast", n_samples=10, n_fits=3).fit(model, x, y, weight_decay=WD)
@@ -235,6 +235,28 @@ def test_fast_basis_sums_the_classes_of_each_samples_outer_rows_before_the_produ
     expected = rows.reshape(m * n_classes, -1)[picked].T @ coef[picked]
     assert got.shape == (n_out * n_in + 6, k)
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_fast_basis_products_take_the_gradients_products_with_the_basis_without_their_linear_rows():
+    """``basis_products`` (a kernel against each fit's factor rows for the Linear weights, the basis rows
+    for the rest) equals ``grad_z @ basis().T`` and the squared norms; self-influence is the same by
+    either route; it survives the cache round trip; a fit whose factor costs more than it saves keeps none."""
+    from influence_over_inference.engine.scores import self_influence
+
+    model, x, y = problem("conv")
+    fast = make_solver("fast", damping=0.05, rank=12, n_samples=8, n_fits=3).fit(model, x, y, weight_decay=WD)
+    assert fast.basis_products_ready() and len(fast.factors) == 3
+    g = grad_z(model, x[:9], y[:9])
+    dots, sqnorms = fast.basis_products(x[:9], y[:9])
+    assert rel(dots, g @ fast.basis().T) < EXACT_REL and rel(sqnorms, (g * g).sum(1)) < EXACT_REL
+    again = FastSolver(fast.settings).fit(model, x, y, weight_decay=WD, state=fast.state_dict())
+    assert torch.equal(again.basis_products(x[:9], y[:9])[0], dots)
+    by_products = self_influence(model, (x, y), fast, chunk_size=7)
+    fast.factors = None  # as a cache entry written before the factors were kept
+    assert not fast.basis_products_ready() and fast.basis_products(x, y) is None
+    assert rel(by_products, self_influence(model, (x, y), fast, chunk_size=7)) < EXACT_REL
+    whole = make_solver("fast", damping=0.05, rank=12, n_samples=len(x)).fit(model, x, y, weight_decay=WD)
+    assert whole.factors is None and "factors" not in whole.state_dict()  # 60 x 4 factor rows: the basis is cheaper
 
 
 def test_fast_solver_subsamples_shrink_to_fit_a_small_training_set():

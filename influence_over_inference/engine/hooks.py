@@ -151,6 +151,29 @@ def _hook_dots(model, x, y, vectors, layers):
     return dots, norms
 
 
+def sample_gradient_parts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers=None) -> dict:
+    """Per-example loss gradients in pieces, the ``nn.Linear`` weight rows never built: in parameter order,
+    ``{name: ("outer", g (B, out), a (B, in))}`` for a Linear weight (example i's gradient is
+    ``g[i] a[i]^T``) or ``{name: ("rows", (B, numel))}``. Hooks path only (the caller checks
+    :func:`_hooks_supported`); the model in eval mode.
+    """
+    params, owners, inputs, outputs, logits = _capture_layers(model, x, layers)
+    modules = dict(model.named_modules())
+    cot = _label_cotangent(y)(logits.detach())
+    grads_out = dict(zip(owners, torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot), strict=True))
+    parts, done, b = {}, {}, len(x)
+    for name in params:
+        mod_name, _, attr = name.rpartition(".")
+        module, a, g = modules[mod_name], inputs[mod_name], grads_out[mod_name]
+        if type(module) is nn.Linear and a.ndim == 2:
+            parts[name] = ("outer", g, a) if attr == "weight" else ("rows", g)
+            continue
+        if mod_name not in done:
+            done[mod_name] = _module_sample_grads(module, a, g)
+        parts[name] = ("rows", done[mod_name][attr].reshape(b, -1))
+    return parts
+
+
 def _module_sample_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     b = len(a)
     if type(module) is nn.Linear:

@@ -37,7 +37,7 @@ from torch import nn
 
 from .distributed import broadcast_from_main, gather_columns, is_main, shard
 from .gradients import DEFAULT_CHUNK, grad_z, iter_grad_z
-from .params import check_inputs, count_selected, data_length
+from .params import check_inputs, count_selected, data_length, iter_chunks
 from .solvers.base import InverseHVP
 
 
@@ -121,11 +121,16 @@ def self_influence(
     out = torch.empty(1, data_length(mine), dtype=p.dtype)
     basis = solver.basis()
     progress = progress and is_main()
-    for start, g in iter_grad_z(model, mine, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
-        if basis is not None:  # the fast solver: only products with its (r, P) basis and squared norms
-            out[0, start : start + len(g)] = solver.quadratic_form_from_products(g @ basis.T, (g * g).sum(1)).cpu()
-        else:
-            out[0, start : start + len(g)] = solver.quadratic_form(g).cpu()
+    ready = getattr(solver, "basis_products_ready", None)
+    if basis is not None and ready is not None and ready():  # the fast solver with its factors: no Linear-weight rows
+        for start, x, y in iter_chunks(mine, chunk_size, p.device, p.dtype, progress, "self-influence"):
+            out[0, start : start + len(x)] = solver.quadratic_form_from_products(*solver.basis_products(x, y)).cpu()
+    else:
+        for start, g in iter_grad_z(model, mine, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
+            if basis is not None:  # the fast solver: only products with its (r, P) basis and squared norms
+                out[0, start : start + len(g)] = solver.quadratic_form_from_products(g @ basis.T, (g * g).sum(1)).cpu()
+            else:
+                out[0, start : start + len(g)] = solver.quadratic_form(g).cpu()
     out = gather_columns(out, n, block=chunk_size)
     return None if out is None else out[0] / n
 
