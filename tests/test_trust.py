@@ -36,10 +36,19 @@ def test_results_become_figures_and_plain_words(tmp_path):
     assert trust.top10_share(engine) == 0.82
     words = trust.trust_sentences(lds, engine)
     assert "Spearman 0.84" in words[0] and "8.2 of their top 10" in words[0] and "not as an exact order" in words[0]
-    assert "LDS of 0.12 (95% interval 0.10 to 0.14)" in words[1] and "grad_dot 0.03" in words[1] and "trak_10 (0.30)" in words[1]
+    assert "LDS of 0.12 (95% interval 0.10 to 0.14)" in words[1] and "grad_dot 0.03" in words[1]
+    assert "averaged over 10 trained models, trak_10 reaches 0.30" in words[1] and "best method" not in words[1]
     assert "weak signal" in words[2]
     lds_fig, stab_fig = trust.trust_figures(lds, engine)
     assert len(lds_fig.axes[0].patches) == 4 and len(stab_fig.axes[0].patches) == 3
+
+
+def test_the_best_method_named_is_one_like_the_default_same_checkpoint_test_images_and_no_more_models():
+    methods = {**LDS["methods"], "cg": {"n_models": 1, "n_test": 50, "lds_margin": 0.5},  # a subset-only method
+               "old": {"n_models": 1, "lds_margin": 0.4}, "kfac": {"n_models": 1, "lds_margin": 0.13}}
+    lds = {**LDS, "methods": methods, "methods_from_other_checkpoints": ["old"]}
+    line = trust.trust_sentences(lds, trust.load_stability("/nonexistent/engine.json"))[1]
+    assert "is kfac (0.13)" in line and "cg" not in line and "old (" not in line
 
 
 def test_methods_scored_on_an_earlier_checkpoint_are_marked_in_the_figure_and_the_words():

@@ -85,15 +85,11 @@ def grad_z(
             raise ValueError("method='hooks' needs every chosen parameter to be the weight or bias of an nn.Linear or a plain nn.Conv2d; use method='vmap'")
         if method not in ("auto", "hooks", "vmap"):
             raise ValueError(f"method must be 'auto', 'hooks' or 'vmap', got {method!r}")
-        if not fast:
-            params, frozen, buffers = _split_params(model, layers)
-            per_sample = vmap(grad(_loss_fn(model, buffers, frozen)), in_dims=(None, 0, 0))
+        params, frozen, buffers = _split_params(model, layers)  # the vmap route (the hooks route returned above)
+        per_sample = vmap(grad(_loss_fn(model, buffers, frozen)), in_dims=(None, 0, 0))
         for start in range(0, len(x), chunk_size):
             xb, yb = x[start : start + chunk_size], y[start : start + chunk_size]
-            if fast:
-                rows.append(_hook_grads(model, xb, [_label_cotangent(yb)], layers)[0])
-            else:
-                rows.append(_flatten_rows(per_sample(params, xb, yb), len(xb)))
+            rows.append(_flatten_rows(per_sample(params, xb, yb), len(xb)))
         return torch.cat(rows)
     finally:
         model.train(was_training)

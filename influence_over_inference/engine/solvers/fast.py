@@ -65,7 +65,9 @@ class FastSolver(InverseHVP):
 
     for any number of vectors at the cost of two (K, P) x (P, F rank) products (s_test is linear
     in the inverse, so averaging costs fits, not scoring); self-influence of every training image
-    needs only its products with the ``F rank`` basis vectors (:meth:`basis`).
+    needs only its products with the ``F rank`` basis vectors (:meth:`basis`), which
+    :meth:`basis_products` takes without building the gradients' Linear-weight rows (each fit
+    keeps its factor for that: a kernel against its m C factor rows).
 
     Why these defaults (issue 9; ``python bench/fast_design_cnn.py``, bench/results/fast_design.json):
     on the real CNN (top GGN eigenvalue ~31, the 500th ~0.19), two fits that differ only in their
