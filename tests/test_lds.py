@@ -16,9 +16,11 @@ from influence_over_inference.experiments.lds import (
     retrain_subsets,
     subset_mask,
 )
+from influence_over_inference.experiments.lds_run import compare_only, paired_comparisons
 from influence_over_inference.experiments.lds_score import (
     bootstrap_ci,
     lds_per_test,
+    paired_difference,
     rowwise_spearman,
 )
 from influence_over_inference.experiments.metrics import spearman
@@ -242,3 +244,66 @@ def test_trak_runs_on_the_cpu_for_one_model_and_an_ensemble(tmp_path):
     np.testing.assert_allclose(again, one, rtol=1e-5, atol=1e-7)
     two, described = trak_scores([a, b], data.train, x, y, tmp_path / "trak", proj_dim=16, batch=50)
     assert two.shape == (3, 120) and np.isfinite(two).all() and described["n_models"] == 2
+
+
+def test_a_paired_difference_is_the_mean_difference_with_a_narrower_interval_than_apart():
+    rng = np.random.default_rng(1)
+    shared = rng.normal(0, 1, 300)  # what both methods get right or wrong on each image
+    a, b = shared + 0.05 + rng.normal(0, 0.05, 300), shared + rng.normal(0, 0.05, 300)
+    a[3], b[7] = np.nan, np.nan  # an image either did not score is left out
+    diff, (lo, hi), n = paired_difference(a, b, n_boot=2000)
+    keep = np.isfinite(a) & np.isfinite(b)
+    assert n == 298 and diff == pytest.approx((a[keep] - b[keep]).mean(), abs=1e-12)
+    assert lo < diff < hi and lo > 0  # 0.05 apart, found apart
+    lo_a, hi_a = bootstrap_ci(a, 2000)
+    assert hi - lo < (hi_a - lo_a) / 5  # the shared part cancels: apart, the intervals overlap entirely
+    with pytest.raises(ValueError, match="one length"):
+        paired_difference(a, b[:10])
+
+
+def _paired_result():
+    rng = np.random.default_rng(2)
+    per_test = {f"{name}_margin": rng.normal(mean, 0.01, 40 if name not in ("cg",) else 8)
+                for name, mean in [("fast", 0.10), ("grad_dot", 0.02), ("kron", 0.12), ("cg", 0.30), ("old", 0.5),
+                                   ("fast_ens3", 0.2), ("trak_3", 0.1), ("trak_1", 0.0)]}
+    per_test["subset_positions"] = np.arange(0, 40, 5)
+    sha = {"checkpoint_sha256": "new"}
+    methods = {name: {"computed": True, "n_models": int(name[-1]) if name[-1].isdigit() else 1, **sha}
+               for name in ("fast", "grad_dot", "kron", "cg", "fast_ens3", "trak_3", "trak_1")}
+    methods["old"] = {"computed": True, "n_models": 1, "checkpoint_sha256": "earlier"}
+    methods["lissa"] = {"computed": False, "reason": "failed"}
+    return {"default_solver": "fast", "checkpoint_sha256": "new", "methods": methods, "config": {"n_boot": 500}}, per_test
+
+
+def test_paired_comparisons_set_ours_against_methods_with_as_many_models_from_the_same_checkpoint():
+    result, per_test = _paired_result()
+    paired = paired_comparisons(result, per_test, n_boot=500)
+    assert set(paired) == {"fast", "fast_ens3"}
+    assert set(paired["fast"]) == {"grad_dot", "kron", "cg", "trak_1"}  # not the earlier checkpoint's, nor lissa, nor ensembles
+    assert set(paired["fast_ens3"]) == {"trak_3"}
+    g = paired["fast"]["grad_dot"]
+    assert g["on"] == "all" and g["n_test"] == 40
+    assert g["difference"] == pytest.approx((per_test["fast_margin"] - per_test["grad_dot_margin"]).mean())
+    assert g["ci"][0] > 0 and paired["fast"]["kron"]["ci"][1] < 0  # ahead of one, behind the other
+    c = paired["fast"]["cg"]  # a slow method: only on the subset, ours taken on the same images
+    assert c["on"] == "subset" and c["n_test"] == 8
+    assert c["difference"] == pytest.approx((per_test["fast_margin"][::5] - per_test["cg_margin"]).mean())
+
+
+def test_compare_only_rewrites_the_comparisons_and_keeps_everything_else(tmp_path):
+    import json
+
+    from influence_over_inference.cli import main
+
+    result, per_test = _paired_result()
+    result["minutes"] = 12.5
+    out, arrays = tmp_path / "lds.json", tmp_path / "lds.npz"
+    out.write_text(json.dumps(result))
+    np.savez(arrays, **per_test)
+    main(["validate", "lds", "--compare-only", "--out", str(out), "--arrays", str(arrays)])  # no data and no checkpoint needed
+    written = json.loads(out.read_text())
+    assert written["minutes"] == 12.5 and written["methods"] == result["methods"]
+    assert written["methods_from_other_checkpoints"] == ["old"]
+    assert written["paired"] == json.loads(json.dumps(paired_comparisons(result, per_test, 500)))
+    with pytest.raises(FileNotFoundError, match="run `validate lds` first"):
+        compare_only(tmp_path / "none.json", arrays)

@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-retrain", action="store_true",
                    help="lds only: train no subset model; score against the models on disk or, where there are none, "
                         "the subset models' margins and losses in --arrays (results/lds.npz) from an earlier run")
+    p.add_argument("--compare-only", action="store_true",
+                   help="lds only: score nothing; recompute the paired comparisons (ours against each method with as "
+                        "many models) in --out from --arrays")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -75,7 +78,9 @@ def cmd_validate(args) -> int:
     check_writable(args.arrays, "--arrays")
     check_writable_dir(args.cache_dir, "--cache-dir")
     torch.set_num_threads(args.threads)
-    data = load_cifar10(args.data, root=args.data_root)
+    if args.compare_only and args.experiment != "lds":
+        raise ValueError("--compare-only is for `validate lds`")
+    data = None if args.compare_only else load_cifar10(args.data, root=args.data_root)  # it compares stored results only
     from ..experiments.flipped import FlippedConfig
 
     if args.experiment == "lds":
@@ -125,12 +130,16 @@ def cmd_validate(args) -> int:
 def _cmd_lds(args, data) -> int:
     from ..experiments.lds import LDSConfig, balanced_test_indices, previous_run, retrain_subsets
     from ..experiments.lds_run import ARRAYS_PATH as LDS_ARRAYS
-    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, run_lds
+    from ..experiments.lds_run import FAST_METHODS, RESULT_PATH, SLOW_METHODS, compare_only, run_lds
 
-    config = LDSConfig(**_overrides(args.set))
-    worker, workers = (int(v) for v in args.worker.split("/"))
     out = RESULT_PATH if args.out == str(SUMMARY_PATH) else args.out
     arrays = LDS_ARRAYS if args.arrays == str(ARRAYS_PATH) else args.arrays
+    if args.compare_only:
+        _print_paired(compare_only(out, arrays))
+        print(f"results: {out}")  # noqa: T201 (CLI output)
+        return 0
+    config = LDSConfig(**_overrides(args.set))
+    worker, workers = (int(v) for v in args.worker.split("/"))
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
     previous = previous_run(out, arrays, config, data.source, test_idx)  # read once, handed to run_lds
     stored = previous is not None
@@ -150,8 +159,16 @@ def _cmd_lds(args, data) -> int:
             continue
         print(f"  {name}: margin {m['lds_margin']:.4f} [{m['lds_margin_ci'][0]:.4f}, {m['lds_margin_ci'][1]:.4f}], "  # noqa: T201
               f"loss {m['lds_loss']:.4f}, subset ({r['n_test_subset']} images) {m['lds_margin_subset']:.4f}")
+    _print_paired(r)
     print(f"results: {out}")  # noqa: T201 (CLI output)
     return 0
+
+
+def _print_paired(result: dict) -> None:
+    for name, rivals in result.get("paired", {}).items():
+        print(f"{name} minus (paired over test images, 95% CI):")  # noqa: T201 (CLI output)
+        for rival, c in rivals.items():
+            print(f"  {rival}: {c['difference']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}] on {c['n_test']} images")  # noqa: T201
 
 
 def _cmd_perturbation(args, data) -> int:
