@@ -230,3 +230,25 @@ def test_grad_z_routes_take_the_chosen_layers_and_bad_methods_say_what_to_use():
     with pytest.raises(ValueError, match=r"^method='hooks' needs every chosen parameter to be the weight or bias of an "
                                          r"nn\.Linear or a plain nn\.Conv2d; use method='vmap'$"):
         grad_z(layer_norm_net().eval(), *blobs(3, (6,), 3, seed=24), method="hooks")
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stride=2), dict(padding=2, dilation=2), dict(padding=(1, 0), stride=(1, 2))])
+def test_class_gradient_parts_stack_every_class_into_one_conv_call_and_match_the_jacobian(kw):
+    """The per-class rows of a convolution (all classes in one grouped convolution) equal sqrt(p_c) J^T (p - e_c)."""
+    from influence_over_inference.engine.gradients import logits_jacobian
+    from influence_over_inference.engine.hooks import class_gradient_parts
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, **kw), nn.ReLU(), nn.Conv2d(4, 2, 2, stride=kw.get("stride", 1)),
+                          nn.Flatten(), nn.LazyLinear(3)).to(DTYPE)
+    x, _ = blobs(5, (3, 9, 9), 3, seed=11)
+    model(x)
+    model.eval()
+    probs, parts = class_gradient_parts(model, x)
+    logits, jac = logits_jacobian(model, x)
+    p = torch.softmax(logits, 1)
+    want = torch.einsum("bcl,blp->bcp", (p[:, None, :] - torch.eye(3, dtype=DTYPE)) * p.sqrt()[:, :, None], jac)
+    got = torch.cat([t[0] if kind == "rows" else (t[0][:, :, :, None] * t[1][:, None, None, :]).flatten(2)
+                     for kind, *t in parts.values()], dim=2)
+    assert torch.allclose(probs, p, atol=EXACT, rtol=0)
+    assert torch.allclose(got, want, atol=EXACT, rtol=0)

@@ -198,7 +198,7 @@ def test_fast_solver_averages_the_inverses_of_disjoint_fits(small):
 
 
 def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(small, monkeypatch):
-    """The bases go into one preallocated matrix in fit order; a later fit with more columns than the
+    """The bases go, as rows, into one preallocated matrix in fit order; a later fit with more columns than the
     first (fewer zero eigenvalues) grows it, one with fewer leaves no unused column behind."""
     _, model, x, y, _ = small
     widths = iter([1, 3, 1])  # room for 3 after the first; the second grows it; 2 columns left unused
@@ -206,14 +206,14 @@ def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(sma
 
     def fake_fit_one(self, idx, generator):
         k = next(widths)
-        made.append((torch.rand(k, dtype=torch.float64) + 1, torch.randn(self.n_params, k, dtype=torch.float64)))
+        made.append((torch.rand(k, dtype=torch.float64) + 1, torch.randn(k, self.n_params, dtype=torch.float64)))  # rows
         return (*made[-1], None)
 
     monkeypatch.setattr(FastSolver, "_fit_one", fake_fit_one)
     fast = make_solver("fast", n_samples=10, n_fits=3).fit(model, x, y, weight_decay=WD)
     assert fast.n_fits == 3
     assert torch.equal(fast.eigenvalues, torch.cat([e for e, _ in made]))
-    assert torch.equal(fast.eigenvectors, torch.cat([u for _, u in made], dim=1)) and fast.eigenvectors.is_contiguous()
+    assert torch.equal(fast.eigenvectors, torch.cat([u for _, u in made]).T) and fast.basis().is_contiguous()
 
 
 def test_fast_basis_sums_the_classes_of_each_samples_outer_rows_before_the_products():
@@ -229,11 +229,11 @@ def test_fast_basis_sums_the_classes_of_each_samples_outer_rows_before_the_produ
     coef = torch.randn(m * n_classes, k, generator=gen, dtype=torch.float64)
     mine = torch.tensor([1, 4, 5])
     parts = {"fc.weight": ("outer", g, a), "other": ("rows", other)}
-    got = _basis(parts, coef, mine)
+    got = _basis(parts, coef, mine).T
     rows = torch.cat([(g[:, :, :, None] * a[:, None, None, :]).reshape(m, n_classes, -1), other], dim=2)  # (m, C, P)
     picked = (mine[:, None] * n_classes + torch.arange(n_classes)).reshape(-1)
     expected = rows.reshape(m * n_classes, -1)[picked].T @ coef[picked]
-    assert got.shape == (n_out * n_in + 6, k)
+    assert got.shape == (n_out * n_in + 6, k) and got.T.is_contiguous()
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from .hooks import _hook_dots, _hook_grads, _hooks_supported, _label_cotangent
+from .hooks import _hook_dots, _hook_grads, _hooks_supported, _label_cotangent, prepare_dot_vectors
 from .params import (
     _flatten_rows,
     _split_params,
@@ -104,13 +104,16 @@ def grad_dot(
     vectors: torch.Tensor,
     layers: Sequence[str] | str | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    prepared: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(grad_z(x, y) @ vectors.T, squared norms of grad_z rows)``: (N, K) and (N,), memory-light.
 
     Equal to forming :func:`grad_z` and multiplying, but for an ``nn.Linear`` layer the per-sample
     gradient ``g a^T`` is never built: ``<V, g a^T> = g^T V a`` and ``||g a^T||^2 = ||g||^2 ||a||^2``
     (the "ghost" identities; Goodfellow 2015). This is what streams 50,000 training images
-    against many ``s_test`` vectors quickly. Falls back to :func:`grad_z` for other models.
+    against many ``s_test`` vectors quickly (:func:`.scores.influence`). Falls back to :func:`grad_z` for
+    other models. ``prepared``: :func:`.hooks.prepare_dot_vectors` of ``vectors``, made once by a caller
+    that streams many calls with the same vectors.
     """
     check_inputs(x, y, what="grad_dot")
     p_total = count_selected(model, layers)
@@ -121,10 +124,11 @@ def grad_dot(
         return g @ vectors.T, (g * g).sum(1)
     was_training = model.training
     model.eval()
+    prepared = prepare_dot_vectors(model, vectors, layers) if prepared is None else prepared
     try:
         dots, norms = [], []
         for start in range(0, len(x), chunk_size):
-            d, n = _hook_dots(model, x[start : start + chunk_size], y[start : start + chunk_size], vectors, layers)
+            d, n = _hook_dots(model, x[start : start + chunk_size], y[start : start + chunk_size], vectors, layers, prepared)
             dots.append(d)
             norms.append(n)
         return torch.cat(dots), torch.cat(norms)

@@ -120,35 +120,62 @@ def _hook_grads(model: nn.Module, x: torch.Tensor, cotangents, layers, out=None)
     return results
 
 
-def _hook_dots(model, x, y, vectors, layers):
+def prepare_dot_vectors(model: nn.Module, vectors: torch.Tensor, layers) -> dict[str, torch.Tensor]:
+    """``vectors`` (K, P) cut per parameter once, in the layout :func:`_hook_dots` multiplies with.
+
+    A Linear weight's block becomes (in, K out), so that a chunk's layer inputs (B, in) take one
+    product with it (``<V_k, g a^T> = g^T V_k a``); any other parameter's block becomes (numel, K).
+    Done once per set of vectors, not per chunk: the blocks are column slices of (K, P), so each
+    would otherwise be copied again for every chunk of training images.
+    """
+    params = select_parameters(model, layers)
+    modules = dict(model.named_modules())
+    per_param = unflatten_params(vectors, params)  # {name: (K, *shape)}
+    out = {}
+    for name, v in per_param.items():
+        mod_name, _, attr = name.rpartition(".")
+        if type(modules[mod_name]) is nn.Linear and attr == "weight":
+            out[name] = v.permute(2, 0, 1).reshape(v.shape[2], -1).contiguous()  # (in, K*out)
+        else:
+            out[name] = v.reshape(len(vectors), -1).T.contiguous()  # (numel, K)
+    return out
+
+
+def _hook_dots(model, x, y, vectors, layers, prepared: dict | None = None, norms: bool = True):
+    """``(grad_z(x, y) @ vectors.T, squared norms of its rows or None)`` without the Linear weights' rows.
+
+    ``prepared``: :func:`prepare_dot_vectors` of ``vectors``, when the caller streams many chunks.
+    """
     params, owners, inputs, outputs, logits = _capture_layers(model, x, layers)
     modules = dict(model.named_modules())
     cot = _label_cotangent(y)(logits.detach())
     grads_out = dict(zip(owners, torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot), strict=True))
-    per_param = unflatten_params(vectors, params)  # {name: (K, *shape)}
+    prepared = prepare_dot_vectors(model, vectors, layers) if prepared is None else prepared
     b, k = len(x), len(vectors)
     dots = torch.zeros(b, k, dtype=vectors.dtype, device=vectors.device)
-    norms = torch.zeros(b, dtype=vectors.dtype, device=vectors.device)
+    sq = torch.zeros(b, dtype=vectors.dtype, device=vectors.device) if norms else None
     for m in owners:
         module, a, g = modules[m], inputs[m], grads_out[m]
         names = [n for n in params if n.rpartition(".")[0] == m]
         if type(module) is nn.Linear and a.ndim == 2:
             for name in names:
-                v = per_param[name]
                 if name.endswith("weight"):  # <V_k, g a^T> = g^T V_k a
-                    va = (a @ v.reshape(k * v.shape[1], v.shape[2]).T).reshape(b, k, v.shape[1])  # (B, K, out)
-                    dots += (va * g[:, None, :]).sum(2)
-                    norms += (g * g).sum(1) * (a * a).sum(1)
+                    va = (a @ prepared[name]).reshape(b, k, g.shape[1])  # (B, K, out)
+                    dots += torch.bmm(va, g[:, :, None])[:, :, 0]
+                    if norms:
+                        sq += (g * g).sum(1) * (a * a).sum(1)
                 else:
-                    dots += g @ v.T
-                    norms += (g * g).sum(1)
+                    dots += g @ prepared[name]
+                    if norms:
+                        sq += (g * g).sum(1)
         else:
             grads = _module_sample_grads(module, a, g)
             for name in names:
                 gs = grads[name.rpartition(".")[2]].reshape(b, -1)
-                dots += gs @ per_param[name].reshape(k, -1).T
-                norms += (gs * gs).sum(1)
-    return dots, norms
+                dots += gs @ prepared[name]
+                if norms:
+                    sq += (gs * gs).sum(1)
+    return dots, sq
 
 
 def sample_gradient_parts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, layers=None) -> dict:
@@ -182,31 +209,33 @@ def _module_sample_grads(module: nn.Module, a: torch.Tensor, g: torch.Tensor) ->
         if module.bias is not None:
             out["bias"] = g2.sum(1)
         return out
-    unfolded = _unfold(a, module)  # (B, Cin*kh*kw, L)
-    g2 = g.reshape(b, g.shape[1], -1)  # (B, Cout, L)
-    out = {"weight": torch.bmm(g2, unfolded.transpose(1, 2))}  # (B, Cout, Cin*kh*kw)
+    out = {"weight": _conv_weight_grads(a, g, module)}  # (B, Cout, Cin*kh*kw)
     if module.bias is not None:
-        out["bias"] = g2.sum(2)
+        out["bias"] = g.reshape(b, g.shape[1], -1).sum(2)
     return out
 
 
-def _unfold(a: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
-    """``nn.functional.unfold`` as a strided view copied once: (B, Cin, H, W) -> (B, Cin*kh*kw, Ho*Wo).
+def _conv_weight_grads(a: torch.Tensor, g: torch.Tensor, module: nn.Conv2d) -> torch.Tensor:
+    """Per-example weight gradients of a Conv2d (groups 1): input (B, Cin, H, W), output gradient
+    (B, Cout, Ho, Wo) -> (B, Cout, Cin*kh*kw); ``Cout`` may be any multiple of the module's (several
+    cotangents stacked, as the per-class gradients are).
 
-    Same numbers; several times faster than ``im2col`` on a busy multi-threaded CPU.
+    Example b's gradient correlates its input with its output gradient: one grouped convolution
+    over the batch, the examples as groups (the input's batch and channel axes swapped; the
+    module's stride and dilation trade places). No unfolded copy of the input (B, Cin kh kw, Ho Wo)
+    is made: on the CPU 3 times faster than unfold and a batched product for the CNN's first layer,
+    the same numbers (tested against loops for stride, padding and dilation).
     """
     ph, pw = module.padding
     if ph or pw:
         a = nn.functional.pad(a, (pw, pw, ph, ph))
-    a = a.contiguous()
-    b, c, h, w = a.shape
+    b, cin = a.shape[:2]
+    cout = g.shape[1]
     kh, kw = module.kernel_size
-    sh, sw = module.stride
-    dh, dw = module.dilation
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    st = a.stride()
-    view = a.as_strided((b, c, kh, kw, ho, wo), (st[0], st[1], st[2] * dh, st[3] * dw, st[2] * sh, st[3] * sw))
-    return view.reshape(b, c * kh * kw, ho * wo)
+    out = nn.functional.conv2d(a.transpose(0, 1), g.reshape(b * cout, 1, *g.shape[2:]), stride=module.dilation,
+                               dilation=module.stride, groups=b)  # (Cin, B*Cout, >= kh, >= kw)
+    out = out[:, :, :kh, :kw]
+    return out.reshape(cin, b, cout, kh * kw).permute(1, 2, 0, 3).reshape(b, cout, cin * kh * kw)
 
 
 def class_gradient_parts(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | str | None = None):
@@ -234,13 +263,18 @@ def class_gradient_parts(model: nn.Module, x: torch.Tensor, layers: Sequence[str
             cot = cot * probs[:, c : c + 1].sqrt()
             grads = torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot, retain_graph=c < n_classes - 1)
             per_class.append(dict(zip(owners, grads, strict=True)))
-        parts = {}
+        parts, done = {}, {}
         for name in params:
             mod_name, _, attr = name.rpartition(".")
             module, a = modules[mod_name], inputs[mod_name]
             if type(module) is nn.Linear and a.ndim == 2:
                 g = torch.stack([pc[mod_name] for pc in per_class], dim=1)  # (B, C, out)
                 parts[name] = ("outer", g, a) if attr == "weight" else ("rows", g)
+            elif type(module) is nn.Conv2d:  # all classes in one call: their output gradients stacked as channels
+                if mod_name not in done:
+                    stacked = torch.stack([pc[mod_name] for pc in per_class], dim=1)  # (B, C, out, ...)
+                    done[mod_name] = _module_sample_grads(module, a, stacked.reshape(b, -1, *stacked.shape[3:]))
+                parts[name] = ("rows", done[mod_name][attr].reshape(b, n_classes, -1))
             else:
                 rows = torch.stack([_module_sample_grads(module, a, pc[mod_name])[attr].reshape(b, -1) for pc in per_class], dim=1)
                 parts[name] = ("rows", rows)

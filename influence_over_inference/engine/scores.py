@@ -21,8 +21,10 @@ x_j + delta; Koh & Liang's I_pert,loss is ``n`` times the map).
 nimarb's ``pytorch-influence-functions`` calls the opposite lists "harmful" and "helpful"; with
 this convention :func:`top_k` returns ``helpful`` = largest scores, ``harmful`` = smallest.
 
-Scores are computed by streaming training gradients (chunks of :func:`.gradients.iter_grad_z`)
-against all ``s_test`` vectors at once: memory stays at one chunk of gradients plus (K, P).
+Scores are computed by streaming training images in chunks against all ``s_test`` vectors at once:
+their products with the gradients (:func:`.gradients.grad_dot`, which never builds a Linear weight's
+per-example rows) where the hooks take the model, else materialised gradients
+(:func:`.gradients.iter_grad_z`) times (K, P): memory stays at one chunk plus (K, P).
 :class:`InfluenceEngine` ties a model, its training split and a solver together and caches the
 fitted curvature and the scores under ``data/influence/``.
 """
@@ -36,7 +38,8 @@ import torch
 from torch import nn
 
 from .distributed import broadcast_from_main, gather_columns, is_main, shard
-from .gradients import DEFAULT_CHUNK, grad_z, iter_grad_z
+from .gradients import DEFAULT_CHUNK, grad_dot, grad_z, iter_grad_z
+from .hooks import _hooks_supported, prepare_dot_vectors
 from .params import check_inputs, count_selected, data_length, iter_chunks
 from .solvers.base import InverseHVP
 
@@ -96,8 +99,15 @@ def influence(
     mine = shard(train, n, block=chunk_size)
     scores = torch.empty(len(stest), data_length(mine), dtype=stest.dtype)
     progress = progress and is_main()
-    for start, g in iter_grad_z(model, mine, chunk_size, p.device, getattr(solver, "layers", None), p.dtype, progress, "scoring training images"):
-        scores[:, start : start + len(g)] = (stest @ g.T).cpu()  # (K, B)
+    layers = getattr(solver, "layers", None)
+    if _hooks_supported(model, layers):  # products with the s_test vectors, no Linear-weight rows (grad_dot)
+        stest_dev = stest.to(p.device, p.dtype)
+        prepared = prepare_dot_vectors(model, stest_dev, layers)
+        for start, x, y in iter_chunks(mine, chunk_size, p.device, p.dtype, progress, "scoring training images"):
+            scores[:, start : start + len(x)] = grad_dot(model, x, y, stest_dev, layers, chunk_size, prepared)[0].T.cpu()
+    else:
+        for start, g in iter_grad_z(model, mine, chunk_size, p.device, layers, p.dtype, progress, "scoring training images"):
+            scores[:, start : start + len(g)] = (stest @ g.T).cpu()  # (K, B)
     scores = gather_columns(scores, n, block=chunk_size)
     return None if scores is None else scores / n
 

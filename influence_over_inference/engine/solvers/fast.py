@@ -131,33 +131,36 @@ class FastSolver(InverseHVP):
         return [perm[f * m : (f + 1) * m].sort().values for f in range(s.n_fits)]
 
     def _fit(self) -> None:
-        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), side by side; the inverses are averaged.
+        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), one after another; the inverses are averaged.
 
-        Each fit's basis is written into one preallocated (P, F r) matrix as it comes, so the bases
-        are never held twice (a concatenation at the end would double the peak memory)."""
+        Each fit's basis vectors are written, as rows, into one preallocated (F r, P) matrix as they
+        come (a contiguous block per fit: one copy, and the bases are never held twice, which a
+        concatenation at the end would do); ``eigenvectors`` is its (P, F r) transpose, a view.
+        """
         subsamples = self.subsamples()
-        evals, basis, used, self.factors = [], None, 0, []
+        evals, rows, used, self.factors = [], None, 0, []
         for f, idx in enumerate(subsamples):
             e, u, factor = self._fit_one(idx, torch.Generator().manual_seed(self.settings.seed + f))
             self.factors.append(factor)
-            if basis is None:  # room for as many columns per fit as the first kept
-                basis = u.new_empty(u.shape[0], len(subsamples) * max(u.shape[1], 1))
-            if used + u.shape[1] > basis.shape[1]:  # a later fit kept more (fewer zero eigenvalues): grow
-                basis = torch.cat([basis[:, :used], u.new_empty(u.shape[0], (len(subsamples) - f) * u.shape[1])], dim=1)
-            basis[:, used : used + u.shape[1]] = u
-            used += u.shape[1]
+            if rows is None:  # room for as many vectors per fit as the first kept
+                rows = u.new_empty(len(subsamples) * max(u.shape[0], 1), u.shape[1])
+            if used + u.shape[0] > rows.shape[0]:  # a later fit kept more (fewer zero eigenvalues): grow
+                rows = torch.cat([rows[:used], u.new_empty((len(subsamples) - f) * u.shape[0], u.shape[1])])
+            rows[used : used + u.shape[0]] = u
+            used += u.shape[0]
             evals.append(e)
             del u
         self.n_fits = len(subsamples)
         self.eigenvalues = torch.cat(evals)  # (F r,)
-        self.eigenvectors = basis if used == basis.shape[1] else basis[:, :used].clone()  # (P, F r), orthonormal within each fit
+        rows = rows if used == rows.shape[0] else rows[:used].clone()
+        self.eigenvectors = rows.T  # (P, F r), orthonormal within each fit; rows (F r, P) contiguous underneath
         self.factors = self.factors if all(f is not None for f in self.factors) else None
         self._row_basis = None
 
     def _fit_one(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Factor pieces of the subsample ``idx``, their Gram matrix, its top eigenpairs, the basis.
 
-        Returns ``(eigenvalues (r,), basis (P, r), factor)``; ``factor`` keeps what
+        Returns ``(eigenvalues (r,), basis vectors as rows (r, P), factor)``; ``factor`` keeps what
         :meth:`basis_products` needs to take a training gradient's products with this fit's basis
         columns without the Linear-weight rows: ``coef`` (m C, r), with ``U = rows^T coef``, and
         each Linear weight's pieces ``g`` (m, C, out) and ``a`` (m, in) (about 8 MB a fit for the CNN).
@@ -196,7 +199,7 @@ class FastSolver(InverseHVP):
         evals, evecs = broadcast_from_main(evals, evecs)
         coef = evecs / (evals.sqrt() * math.sqrt(m))  # (m*C, r): U = rows^T coef
         coef = coef.to(self.dtype)
-        basis = all_reduce_sum(_basis(parts, coef, mine.to(self.device)))  # (P, r), orthonormal columns
+        basis = all_reduce_sum(_basis(parts, coef, mine.to(self.device)))  # (r, P), orthonormal rows
         outer = {name: ts for name, (kind, *ts) in parts.items() if kind == "outer"}
         kernel_cost = m * n_classes * (coef.shape[1] + sum(g.shape[-1] for g, _ in outer.values())) + m * sum(a.shape[-1] for _, a in outer.values())
         basis_cost = sum(g.shape[-1] * a.shape[-1] for g, a in outer.values()) * coef.shape[1]
@@ -336,30 +339,35 @@ def _mirror_upper_blocks(gram: torch.Tensor, block: int) -> None:
 
 
 def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-    """``rows^T coef`` (P, r) summed over the factor rows of the samples ``mine`` only (the rest is other ranks').
+    """``coef^T rows`` (r, P): the basis vectors as rows, summed over the factor rows of the samples ``mine``
+    only (the rest is other ranks').
 
     A Linear weight's rows ``g[i, c] a[i]^T`` share their input across the classes, so its block is
     ``sum_i (sum_c coef[ic] g[i, c]) a[i]^T``: the classes are summed before the outer products
-    (C times fewer multiply-adds than summing the C rows of each sample one by one).
+    (C times fewer multiply-adds than summing the C rows of each sample one by one). Each block is
+    written straight into its columns of the result, which is laid out as the products come (basis
+    vectors as rows), so nothing is transposed or concatenated.
     """
-    blocks = []
     n_classes = next(iter(parts.values()))[1].shape[1]
     rows = (mine[:, None] * n_classes + torch.arange(n_classes, device=mine.device)).reshape(-1)
     coef = coef[rows]  # (|mine| C, r)
-    for kind, *t in parts.values():
+    widths = [t[0].shape[-1] * t[1].shape[-1] if kind == "outer" else t[0].shape[-1] for kind, *t in parts.values()]
+    out = coef.new_empty(coef.shape[1], sum(widths))
+    start = 0
+    for (kind, *t), width in zip(parts.values(), widths, strict=True):
+        block = out[:, start : start + width]
+        start += width
         if kind == "outer":
             g, a = t  # (m, C, out), (m, in)
             g, a = g[mine], a[mine]  # (M, C, out), (M, in)
             per_sample = coef.reshape(len(mine), n_classes, coef.shape[1])  # (M, C, r)
-            cols = []
             for k0 in range(0, coef.shape[1], 64):
                 h = torch.einsum("mco,mck->kom", g, per_sample[:, :, k0 : k0 + 64])  # (k, out, M): classes summed
-                cols.append((h @ a).reshape(h.shape[0], -1).T)  # (out*in, k)
-            blocks.append(torch.cat(cols, dim=1) if cols else g.new_zeros(g.shape[2] * a.shape[1], 0))
+                block[k0 : k0 + h.shape[0]] = (h @ a).reshape(h.shape[0], -1)  # (k, out*in)
         else:
             r = t[0][mine]
-            blocks.append(r.reshape(-1, r.shape[-1]).T @ coef)  # (numel, r)
-    return torch.cat(blocks, dim=0)
+            block.copy_(coef.T @ r.reshape(-1, r.shape[-1]))  # (r, numel)
+    return out
 
 
 def top_eigh(matrix: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 20, iters: int = 4):
