@@ -304,6 +304,11 @@ def assemble(cfg: TrustConfig, runs: dict, wait: dict, resumed: bool, started: s
             row["kronfluence_fit_s"] = hygiene.summarize([r["kronfluence_fit_s"] for r in runs[("kronfluence", t)]])
         timings[str(t)] = row
     one = timings["1"]
+    checkpoint = None
+    if not cfg.synthetic:  # which trained model the stability and timings are of (training differs across machines)
+        from influence_over_inference.engine.hashing import file_sha256
+
+        checkpoint = file_sha256(ROOT / cfg.checkpoint)[:16]
     peak = {f"{name}@{t}": max(r["peak_rss_mb"] for r in rs) for (name, t), rs in runs.items()}
     return {
         "seed_spearman_default": float(np.mean(stab["seed_spearman_per_test"])),
@@ -319,7 +324,7 @@ def assemble(cfg: TrustConfig, runs: dict, wait: dict, resumed: bool, started: s
         "load_avg_at_start": wait["load_avg_at_start"],
         "trust_run": {"timings_by_threads": timings, "idle": wait, "resumed": resumed, "started_at": started,
                       "minutes": minutes, "default_settings": runs[("t100", 1)][0]["default_settings"],
-                      "config": asdict(cfg), "data_source": stab["data_source"],
+                      "config": asdict(cfg), "data_source": stab["data_source"], "checkpoint_sha256": checkpoint,
                       "kronfluence_done": {str(t): len(runs.get(("kronfluence", t), [])) for t in cfg.threads},
                       "command": "python bench/trust.py", "notes": [
                           "timings: median (min, max) of repeats, each in its own process; headline keys at 1 thread; "
