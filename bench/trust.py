@@ -44,9 +44,9 @@ import hygiene  # noqa: E402
 
 RESULT = ROOT / "bench" / "results" / "engine.json"
 TIMED = ("epoch", "t100", "kronfluence")
-# idle-machine seconds per stage at 1 thread (the 2026-12-02 run: epoch 8.7 s, default t100 116 s with 16 fits of
-# 250 images, kronfluence 197 s, stability 238 s, small 55 s), plus ~10 s to start each process and load the data
-ESTIMATE_S = {"stability": 240, "small": 60, "epoch": 9 + 10, "t100": 116 + 10, "kronfluence": 197 + 10}
+# idle-machine seconds per stage at 1 thread (the 2026-12-03 run: epoch 8.4 s, default t100 74 s with 16 fits of
+# 250 images, kronfluence 216 s, stability 129 s, small 45 s), plus ~10 s to start each process and load the data
+ESTIMATE_S = {"stability": 130, "small": 45, "epoch": 9 + 10, "t100": 74 + 10, "kronfluence": 216 + 10}
 # keys an earlier bench/engine.py run measured under load, superseded by this run's idle timings
 UNDER_LOAD_KEYS = ("epoch_s", "epoch_call_s", "t100_fast_s", "fast_fit_s", "fast_s_test_s", "fast_scoring_s",
                    "t100_fast_epochs", "kronfluence_t100_s", "kronfluence_fit_s", "kronfluence_scores_s",
