@@ -93,7 +93,8 @@ def fit_products(solver, m, seed, f, g_lds, g_stable, gs, cache: Path) -> dict:
         return torch.load(path, weights_only=True)
     idx = solver.subsamples()[f]
     t0 = time.perf_counter()
-    evals, u = solver._fit_one(idx, torch.Generator().manual_seed(seed + f))
+    evals, rows, _ = solver._fit_one(idx, torch.Generator().manual_seed(seed + f))  # basis vectors as rows (r, P)
+    u = rows.T  # (P, r)
     seconds = time.perf_counter() - t0
     a_lds = (g_lds @ u).double()  # (T, r)
     b = (u.T.double() @ gs.T)  # (r, S)
@@ -292,6 +293,7 @@ def main(argv=None):
     doc[args.section] = {
         "command": "python bench/fast_design_cnn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data_source": data.source, "n_train": len(data.train), "weight_decay": wd,
+        "checkpoint_sha256": file_sha256(ROOT / "data/cifar_net.pt")[:16],
         "stability_test_positions": stable_pos.tolist(), "n_lds_test": len(test_idx), "n_subsets": len(subsets),
         "grad_dot_lds_margin": gd["lds_margin"], "fit_s_per_fit": fit_seconds, "peak_rss_mb": _peak_mb(),
         "threads": args.threads,
