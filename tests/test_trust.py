@@ -59,3 +59,25 @@ def test_methods_scored_on_an_earlier_checkpoint_are_marked_in_the_figure_and_th
     labels = [t.get_text() for t in trust.plot_lds(lds).axes[0].get_yticklabels()]
     assert labels[0] == "trak_10 (10 models) [earlier checkpoint]" and "fast [default]" in labels
     assert not any("earlier" in w for w in trust.trust_sentences(LDS, trust.load_stability("/nonexistent/engine.json")))
+
+
+def test_paired_differences_and_another_checkpoint_are_put_in_words(tmp_path):
+    lds = {**LDS, "checkpoint_sha256": "aaaa1111bbbb2222",
+           "methods": {**LDS["methods"], "fast_ens10": {"n_models": 10, "lds_margin": 0.35, "lds_margin_ci": [0.3, 0.4]}},
+           "paired": {"fast": {"grad_dot": {"difference": 0.09, "ci": [0.07, 0.11], "n_test": 500, "on": "all"}},
+                      "fast_ens10": {"trak_10": {"difference": -0.05, "ci": [-0.08, -0.02], "n_test": 500, "on": "all"}}},
+           "methods_from_other_checkpoints": ["fast_ens10", "trak_10"]}
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    engine = trust.load_stability(tmp_path / "engine.json")  # not computed: one sentence saying so
+    words = trust.trust_sentences(lds, engine, checkpoint=model)
+    assert "against gradient dot product it is ahead by +0.090 (paired over the same 500 test images, 95% interval +0.070 to +0.110)" in words[1]
+    ens = [w for w in words if w.startswith("Averaged over the same 10")]
+    assert ens == ["Averaged over the same 10 trained models, fast_ens10 reaches 0.35 and TRAK 0.30: ours is behind by -0.050 "
+                   "(paired over the same 500 test images, 95% interval -0.080 to -0.020) (both scored on an earlier training of the recipe)."]
+    assert any("another training of the same recipe (checkpoint aaaa1111bbbb2222)" in w for w in words)
+    from influence_over_inference.engine.hashing import file_sha256
+
+    same = {**lds, "checkpoint_sha256": file_sha256(model)[:16]}
+    assert not any("another training" in w for w in trust.trust_sentences(same, engine, checkpoint=model))
+    assert not any("another training" in w for w in trust.trust_sentences(lds, engine))  # no model named: nothing to compare

@@ -181,9 +181,26 @@ def trust_figures(lds, engine) -> list[Figure]:
     return [plot_lds(lds) if lds else _missing_figure(lds), plot_stability(engine) if engine else _missing_figure(engine)]
 
 
-def trust_sentences(lds, engine) -> list[str]:
+def _paired(lds: Mapping, ours: str, rival: str) -> str:
+    """``ahead by +0.03 (paired over the same 500 test images, 95% interval +0.02 to +0.04)`` (or ``behind``) from
+    ``lds["paired"]`` (:func:`..experiments.lds_run.paired_comparisons`), or "" where it holds no such pair."""
+    c = (lds.get("paired") or {}).get(ours, {}).get(rival)
+    if not isinstance(c, dict) or _number(c.get("difference")) is None or not c.get("ci"):
+        return ""
+    return (f"{'ahead' if c['difference'] > 0 else 'behind'} by {c['difference']:+.3f} (paired over the same "
+            f"{c.get('n_test', '?')} test images, 95% interval {c['ci'][0]:+.3f} to {c['ci'][1]:+.3f})")
+
+
+def _sha(path) -> str | None:
+    from ..engine.hashing import file_sha256
+
+    return file_sha256(path)[:16] if path is not None and Path(path).is_file() else None
+
+
+def trust_sentences(lds, engine, checkpoint: str | os.PathLike | None = None) -> list[str]:
     """How far the rankings can be trusted, in plain words, each sentence built from the numbers
-    in the two files (or saying which command makes the missing one)."""
+    in the two files (or saying which command makes the missing one). ``checkpoint``: the model the
+    reader is looking at; where the files measured another training of the recipe, a sentence says so."""
     out = []
     if not engine:
         out.append(f"Seed stability: not computed yet; run `{engine.command}`.")
@@ -210,6 +227,9 @@ def trust_sentences(lds, engine) -> list[str]:
     others = [f"{name} {rows[name][0]:.2f}" for name in ("grad_dot", "random") if name in rows]
     if others:
         line += f"; gradient dot product and random scores reach {', '.join(others)}"
+    versus = _paired(lds, default, "grad_dot")
+    if versus:
+        line += f"; against gradient dot product it is {versus}"
     earlier = [name for name in _earlier_checkpoint(lds) if name in rows]
     n_models = rows[default][2] or 1
     peers = [k for k in _like_for_like(lds, default, earlier, rows) if (rows[k][2] or 1) <= n_models]
@@ -222,9 +242,21 @@ def trust_sentences(lds, engine) -> list[str]:
         top = max(ensembles, key=lambda k: rows[k][0])
         line += f"; averaged over {rows[top][2]} trained models, {top} reaches {rows[top][0]:.2f}"
     out.append(line + ".")
+    for ours, rivals in (lds.get("paired") or {}).items():  # our ensembles against TRAK over the same models
+        for rival in rivals:
+            versus = _paired(lds, ours, rival)
+            if ours != default and rival.startswith("trak_") and ours in rows and rival in rows and versus:
+                out.append(f"Averaged over the same {rows[ours][2]} trained models, {ours} reaches {rows[ours][0]:.2f} and "
+                           f"TRAK {rows[rival][0]:.2f}: ours is {versus}"
+                           + (" (both scored on an earlier training of the recipe)." if ours in earlier else "."))
     if earlier:
         out.append(f"Scored on an earlier training of the same recipe (training is not bit-reproducible across "
                    f"machines), so not like for like with the rest: {', '.join(earlier)}.")
+    sha, measured = _sha(checkpoint), lds.get("checkpoint_sha256")
+    if sha and measured and not str(measured).startswith(sha) and not sha.startswith(str(measured)):
+        out.append(f"This LDS was measured on another training of the same recipe (checkpoint {str(measured)[:16]}) than "
+                   f"the model here ({sha}): training is not bit-reproducible across machines, so read it as the "
+                   "solver's score on this recipe, not on these exact weights.")
     if ci and ci[0] <= 0:
         out.append("That is not distinguishable from chance: the scores do not predict what retraining does.")
     elif v < 0.2:
