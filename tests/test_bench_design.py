@@ -1,0 +1,39 @@
+"""bench/fast_design_cnn.py: the per-fit pieces the design sweep caches rebuild the fast solver's inverse exactly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from engine_models import blobs, conv, fit
+
+from influence_over_inference.engine.gradients import grad_z
+from influence_over_inference.engine.solvers.fast import FastSolver
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import fast_design_cnn  # noqa: E402
+
+WD = 1e-3
+
+
+def test_the_sweeps_per_fit_pieces_rebuild_the_solvers_s_test_and_lds_predictions(tmp_path):
+    """What the sweep keeps of each fit (eigenvalues, products with the basis, per-damping corrections)
+    gives, averaged over fits, the solver's own inverse: a sweep row is the solver those settings make."""
+    torch.manual_seed(0)
+    model, (x, y) = conv(), blobs(40, (3, 8, 8), 4, seed=3)
+    fit(model, x, y, WD, steps=30)
+    model.eval()
+    solver = FastSolver(damping=0.1, rank=12, n_samples=10, n_fits=2).fit(model, x, y, weight_decay=WD)
+    g = grad_z(model, x[:3], y[:3])
+    gs = torch.randn(2, g.shape[1], dtype=g.dtype)  # two subsets' summed training gradients
+    pieces = [fast_design_cnn.fit_products(solver, 10, 0, f, g, g, gs, tmp_path) for f in range(2)]
+    total = WD + 0.1
+    rebuilt = g / total + sum(p["corr"]["0.1"] for p in pieces) / 2
+    want = solver.inverse_hvp(g)
+    assert float((rebuilt - want).norm() / want.norm()) < 1e-10
+    lds_part = sum((p["a_lds"] * (1 / (p["evals"] + total) - 1 / total)) @ p["b"] for p in pieces) / 2  # (T, S)
+    assert torch.allclose(lds_part, want @ gs.T - g @ gs.T / total, rtol=1e-9, atol=1e-12)
+    again = fast_design_cnn.fit_products(solver, 10, 0, 1, g, g, gs, tmp_path)  # read back from its cache
+    assert torch.equal(again["evals"], pieces[1]["evals"]) and torch.equal(again["corr"]["0.1"], pieces[1]["corr"]["0.1"])
