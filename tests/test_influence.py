@@ -115,16 +115,19 @@ def test_engine_caches_curvature_and_scores(tmp_path):
 
     first = engine()
     scores = first.scores(x[:2], y[:2])
+    assert not first.scores_from_cache  # computed: a caller may time it
     si = first.self_influence()
     names = sorted(p.name for p in cache.iterdir())
     assert len(names) == 3 and all(n.endswith(".pt") for n in names), names  # curvature, scores, self-influence
     second = engine()
     second.solver._fit = lambda: pytest.fail("refitted although the curvature was cached")
     assert torch.equal(second.scores(x[:2], y[:2]), scores)
+    assert second.scores_from_cache  # read back: the notebook says so instead of timing a file read
     assert torch.equal(second.self_influence(), si)
     third = engine()  # other test images: scores recomputed from the cached curvature, no refit
     third.solver._fit = lambda: pytest.fail("refitted although the curvature was cached")
     assert torch.allclose(third.scores(x[2:4], y[2:4]), scores.new_tensor(influence(model, x[2:4], y[2:4], (x, y), first.solver)))
+    assert not third.scores_from_cache
     other = InfluenceEngine(model, (x, y), make_solver("fast", damping=0.2, rank=30, n_samples=20), weight_decay=WD,
                             cache_dir=cache, checkpoint=checkpoint, data_source="blobs", progress=False)
     assert other.cache_path("scores") != first.cache_path("scores")  # settings are part of the key

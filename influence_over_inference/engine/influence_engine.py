@@ -64,6 +64,7 @@ class InfluenceEngine:
         self.progress = progress
         self.cache_dir = Path(cache_dir) if (cache_dir and checkpoint) else None
         self._key_parts = None
+        self.scores_from_cache = False  # whether the last scores() call read them from the cache (not computed)
         if self.cache_dir is not None:
             from .hashing import file_sha256
 
@@ -159,7 +160,9 @@ class InfluenceEngine:
         test_key = self._test_key(test_x, test_y)
         cached = self._load("scores", test_key)
         if cached is not None and (not cached or tuple(cached["scores"].shape) == (len(test_x), data_length(self.train))):
+            self.scores_from_cache = True  # a caller timing this call timed a file read, and can say so
             return cached.get("scores")
+        self.scores_from_cache = False
         self.fit()
         out = influence(self.model, test_x, test_y, self.train, self.solver, self.chunk_size, self.progress)
         if out is not None:
