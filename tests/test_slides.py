@@ -84,6 +84,14 @@ def _write_results(root, data):
                   "n_train": {"loo_convex": N_TRAIN, "loo_network": 100, "flipped": N_TRAIN, "sign": 100}}
     (results / "validation.json").write_text(json.dumps(validation))
     _write_perturbation(results, data, rng)
+    methods = {name: {"n_models": n, "lds_margin": v, "lds_margin_ci": [v - 0.01, v + 0.01], "computed": True}
+               for name, n, v in (("fast", 1, 0.061), ("kronfluence_ekfac", 1, 0.07), ("grad_dot", 1, 0.023),
+                                  ("random", 1, -0.004), ("fast_ens10", 10, 0.09), ("trak_10", 10, 0.076))}
+    (results / "lds.json").write_text(json.dumps({
+        "n_subsets": 50, "n_test": 500, "default_solver": "fast", "methods": methods, "data_source": data.source,
+        "methods_from_other_checkpoints": ["fast_ens10", "trak_10"],
+        "paired": {"fast": {"grad_dot": {"difference": 0.0362, "ci": [0.0249, 0.047], "n_test": 500, "on": "all"}},
+                   "fast_ens10": {"trak_10": {"difference": 0.0137, "ci": [0.0001, 0.0273], "n_test": 500, "on": "all"}}}}))
     bench = root / "engine.json"
     bench.write_text(json.dumps({
         "nimarb_t100_s": 6543.0, "t100_cg_s": 800.0, "t100_fast_s": 21.0,
@@ -129,7 +137,7 @@ def _text(path) -> list[str]:
 def test_deck_has_every_slide_with_the_results_numbers(deck):
     config, path, titles, problems = deck
     pages = _text(path)
-    assert len(pages) == len(titles) == 17  # 14 fixed slides + one per test image (3)
+    assert len(pages) == len(titles) == 18  # 15 fixed slides + one per test image (3)
     assert problems == []  # nothing cut off, no text overlapping
     everything = "\n".join(pages)
     for expected in ("Influence over inference", "Test image #5: a correctly classified dog",
@@ -143,7 +151,9 @@ def test_deck_has_every_slide_with_the_results_numbers(deck):
                      "fastsolver", "JPEG copy",
                      "Pearson 0.76 (the map), 0.95 (score difference)",  # the perturbation check
                      "flipped 23% (random 0%)", "flipped 90% (random 0%)",  # the attack, both groups
-                     "The dog (test #5)"):
+                     "The dog (test #5)",
+                     "Ours minus gradient dot product: +0.036 [+0.025, +0.047], paired",  # the LDS slide
+                     "10 models (another training), ours minus TRAK: +0.014 [+0.000, +0.027]"):
         assert expected in " ".join(everything.split()), expected
     assert "not computed" not in pages[1]
 
@@ -170,11 +180,11 @@ def test_missing_results_give_not_computed_slides(tmp_path, data):
                           engine_json=str(tmp_path / "none" / "engine.json"))
     path, titles, problems = build_slides(config, data=data)
     pages = _text(path)
-    assert len(pages) == len(titles) == 15  # one placeholder instead of the influence slides
+    assert len(pages) == len(titles) == 16  # one placeholder instead of the influence slides
     assert problems == []
     joined = " ".join("\n".join(pages).split())
     for command in ("train --json results/train.json", "influence_over_inference notebook",
-                    "validate all", "bench/engine.py", "validate perturbation"):
+                    "validate all", "bench/engine.py", "validate perturbation", "validate lds"):
         assert command in joined, command
     assert joined.count("not computed") >= 5
 

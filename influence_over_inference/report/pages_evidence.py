@@ -1,4 +1,4 @@
-"""The evidence slides: leave-one-out, flipped labels, the sign, the engine benchmark, applications, references.
+"""The evidence slides: leave-one-out, flipped labels, the sign, the LDS, the engine benchmark, applications, references.
 
 Each function takes the loaded :class:`~.slide_inputs.Inputs` and the
 :class:`~.slide_inputs.SlidesConfig` and returns ``(title, page)``. Numbers come from the result
@@ -7,7 +7,7 @@ files only.
 
 from __future__ import annotations
 
-from . import plots
+from . import plots, trust
 from .deck import BODY_PT, SMALL_PT, _bullets, _new_page, _not_computed
 from .evidence import _n_of, flip_curves, loo_pairs, network_prefix
 from .slide_inputs import COMMANDS, Missing
@@ -244,4 +244,48 @@ def references_slide(inputs, config):
         "Krizhevsky, A. (2009). Learning multiple layers of features from tiny images (CIFAR-10).",
         "Software: nimarb/pytorch-influence-functions 0.1.1, kronfluence 1.0.1, captum 0.9, PyTorch.",
     ], fontsize=SMALL_PT + 2, top=0.97, gap=0.45)
+    return title, fig
+
+
+SLIDE_LDS_METHODS = ("fast", "kronfluence_ekfac", "trak_1", "grad_dot", "random", "fast_ens10", "trak_10")  # the bars shown
+
+
+def lds_slide(inputs, config):
+    """The LDS of the default and its main rivals (bars with 95% intervals) and the paired differences in words."""
+    title = "Retraining on random halves: the LDS"
+    lds = inputs.lds
+    fig, body = _new_page(title, _footer("results/lds.json", _source(lds)))
+    if lds is None or isinstance(lds, Missing):
+        _not_computed(body, lds if isinstance(lds, Missing) else trust.LDS_COMMAND)
+        return title, fig
+    rows = {name: (v, ci, n) for name, v, ci, n in trust.lds_rows(lds)}
+    default = lds.get("default_solver", "fast")
+    shown = [k for k in SLIDE_LDS_METHODS if k in rows] or list(rows)[:7]
+    left, right = body.subfigures(1, 2, width_ratios=[1, 1.1])
+    ax = left.subplots()
+    y = list(range(len(shown)))[::-1]
+    values = [rows[k][0] for k in shown]
+    err = [[v - (rows[k][1] or (v, v))[0] for k, v in zip(shown, values, strict=True)],
+           [(rows[k][1] or (v, v))[1] - v for k, v in zip(shown, values, strict=True)]]
+    ax.barh(y, values, xerr=err, capsize=3, color=["#0969da" if k == default else "#8c959f" for k in shown])
+    ax.set_yticks(y, [k + (f" ({rows[k][2]})" if (rows[k][2] or 1) > 1 else "") for k in shown], fontsize=SMALL_PT)
+    ax.tick_params(axis="x", labelsize=SMALL_PT)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("LDS (95% interval)", fontsize=SMALL_PT)
+    paired = lds.get("paired") or {}
+    items = [f"{lds.get('n_subsets', '?')} retrained halves, {lds.get('n_test', '?')} test images: does the sum of a "
+             "half's scores rank its model's margin?"]
+    for rival, label in (("grad_dot", "gradient dot product"), ("kronfluence_ekfac", "kronfluence")):
+        c = paired.get(default, {}).get(rival)
+        if c:
+            items.append(f"Ours minus {label}: {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}], paired.")
+    for ours, rivals in paired.items():
+        for rival, c in rivals.items():
+            if ours != default and rival.startswith("trak_") and ours in shown:
+                other = " (another training)" if ours in (lds.get("methods_from_other_checkpoints") or ()) else ""
+                items.append(f"{rows[ours][2]} models{other}, ours minus TRAK: {c['difference']:+.3f} "
+                             f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}].")
+    if default in rows and rows[default][0] < 0.2:
+        items.append("A real but weak signal: find images to inspect, not a removal's exact effect.")
+    _bullets(right, items, fontsize=SMALL_PT, top=0.97, gap=0.35)
     return title, fig

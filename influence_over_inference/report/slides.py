@@ -41,7 +41,7 @@ def build_pages(inputs: Inputs, config: SlidesConfig) -> list[tuple[str, Figure]
         for build in builders:
             pages.append(build(inputs, config))
         pages.extend(story.influence_slides(inputs, config))
-        for build in (evidence.loo_slide, evidence.flipped_slide, evidence.sign_slide, perturbation.map_slide,
+        for build in (evidence.loo_slide, evidence.flipped_slide, evidence.sign_slide, evidence.lds_slide, perturbation.map_slide,
                       perturbation.attack_slide, evidence.engine_slide, evidence.applications_slide,
                       evidence.references_slide):
             pages.append(build(inputs, config))
