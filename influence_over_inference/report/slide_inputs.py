@@ -241,7 +241,7 @@ class Inputs:
     perturbation_map: dict | Missing  # results/perturbation_map.npz: the dog's map (the notebook)
     data: object | None  # CIFAR10Data, or None when the images could not be loaded
     data_error: str | None = None
-    lds: dict | Missing | None = None  # results/lds.json: the LDS against retraining (:func:`.trust.load_lds`)
+    lds: dict | Missing | None = None  # results/lds.json (:func:`.trust.load_lds`; set by :func:`.slides.build_slides`)
 
 
 def load_inputs(config: SlidesConfig, data=None) -> Inputs:
@@ -256,9 +256,6 @@ def load_inputs(config: SlidesConfig, data=None) -> Inputs:
         perturbation_map=load_perturbation_map(results / "perturbation_map.npz"),
         data=data,
     )
-    from .trust import load_lds  # (trust reads its files through this module)
-
-    inputs.lds = load_lds(results / "lds.json")
     if data is None:
         from ..study.data import DataSourceError, load_cifar10
 

@@ -29,6 +29,7 @@ from . import pages_perturbation as perturbation
 from . import pages_story as story
 from .deck import FIGURE_RC, _sharpen_images, layout_problems, write_pdf
 from .slide_inputs import Inputs, SlidesConfig, load_inputs
+from .trust import load_lds
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ def build_slides(config: SlidesConfig | None = None, data=None) -> tuple[Path, l
     """Build the deck: returns (path of the PDF, slide titles, layout problems found)."""
     config = config or SlidesConfig()
     inputs = load_inputs(config, data=data)
+    inputs.lds = load_lds(Path(config.results_dir) / "lds.json")  # here: trust itself reads through slide_inputs
     pages = build_pages(inputs, config)
     # write first: the PDF's layout must not depend on an earlier draw (constrained layout starts
     # from the current positions, so a check drawn before would shift coordinates by ~1e-6)
