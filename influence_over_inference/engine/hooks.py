@@ -141,8 +141,8 @@ def prepare_dot_vectors(model: nn.Module, vectors: torch.Tensor, layers) -> dict
     return out
 
 
-def _hook_dots(model, x, y, vectors, layers, prepared: dict | None = None, norms: bool = True):
-    """``(grad_z(x, y) @ vectors.T, squared norms of its rows or None)`` without the Linear weights' rows.
+def _hook_dots(model, x, y, vectors, layers, prepared: dict | None = None):
+    """``(grad_z(x, y) @ vectors.T, squared norms of its rows)`` without the Linear weights' rows.
 
     ``prepared``: :func:`prepare_dot_vectors` of ``vectors``, when the caller streams many chunks.
     """
@@ -153,7 +153,7 @@ def _hook_dots(model, x, y, vectors, layers, prepared: dict | None = None, norms
     prepared = prepare_dot_vectors(model, vectors, layers) if prepared is None else prepared
     b, k = len(x), len(vectors)
     dots = torch.zeros(b, k, dtype=vectors.dtype, device=vectors.device)
-    sq = torch.zeros(b, dtype=vectors.dtype, device=vectors.device) if norms else None
+    sq = torch.zeros(b, dtype=vectors.dtype, device=vectors.device)
     for m in owners:
         module, a, g = modules[m], inputs[m], grads_out[m]
         names = [n for n in params if n.rpartition(".")[0] == m]
@@ -162,19 +162,16 @@ def _hook_dots(model, x, y, vectors, layers, prepared: dict | None = None, norms
                 if name.endswith("weight"):  # <V_k, g a^T> = g^T V_k a
                     va = (a @ prepared[name]).reshape(b, k, g.shape[1])  # (B, K, out)
                     dots += torch.bmm(va, g[:, :, None])[:, :, 0]
-                    if norms:
-                        sq += (g * g).sum(1) * (a * a).sum(1)
+                    sq += (g * g).sum(1) * (a * a).sum(1)
                 else:
                     dots += g @ prepared[name]
-                    if norms:
-                        sq += (g * g).sum(1)
+                    sq += (g * g).sum(1)
         else:
             grads = _module_sample_grads(module, a, g)
             for name in names:
                 gs = grads[name.rpartition(".")[2]].reshape(b, -1)
                 dots += gs @ prepared[name]
-                if norms:
-                    sq += (gs * gs).sum(1)
+                sq += (gs * gs).sum(1)
     return dots, sq
 
 

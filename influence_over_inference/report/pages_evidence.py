@@ -263,14 +263,8 @@ def lds_slide(inputs, config):
     shown = [k for k in SLIDE_LDS_METHODS if k in rows] or list(rows)[:7]
     left, right = body.subfigures(1, 2, width_ratios=[1, 1.1])
     ax = left.subplots()
-    y = list(range(len(shown)))[::-1]
-    values = [rows[k][0] for k in shown]
-    err = [[v - (rows[k][1] or (v, v))[0] for k, v in zip(shown, values, strict=True)],
-           [(rows[k][1] or (v, v))[1] - v for k, v in zip(shown, values, strict=True)]]
-    ax.barh(y, values, xerr=err, capsize=3, color=["#0969da" if k == default else "#8c959f" for k in shown])
-    ax.set_yticks(y, [k + (f" ({rows[k][2]})" if (rows[k][2] or 1) > 1 else "") for k in shown], fontsize=SMALL_PT)
-    ax.tick_params(axis="x", labelsize=SMALL_PT)
-    ax.axvline(0, color="black", linewidth=0.8)
+    trust.draw_lds_bars(ax, [(k, *rows[k]) for k in shown], default,
+                        [k + (f" ({rows[k][2]})" if (rows[k][2] or 1) > 1 else "") for k in shown], fontsize=SMALL_PT)
     ax.set_xlabel("LDS (95% interval)", fontsize=SMALL_PT)
     paired = lds.get("paired") or {}
     items = [f"{lds.get('n_subsets', '?')} retrained halves, {lds.get('n_test', '?')} test images: does the sum of a "

@@ -125,6 +125,18 @@ def _missing_figure(missing: Missing) -> Figure:
     return fig
 
 
+def draw_lds_bars(ax: Axes, rows: list, default: str | None, labels: list[str], fontsize: float | None = None) -> None:
+    """Horizontal bars, top to bottom, of :func:`lds_rows`-style ``rows`` with their 95% intervals, the default in colour."""
+    values = [v for _, v, _, _ in rows]
+    err = [[v - (ci or (v, v))[0] for _, v, ci, _ in rows], [(ci or (v, v))[1] - v for _, v, ci, _ in rows]]
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, values, xerr=err, capsize=3, color=["#0969da" if name == default else "#8c959f" for name, _, _, _ in rows])
+    ax.set_yticks(y, labels)
+    if fontsize is not None:
+        ax.tick_params(axis="both", labelsize=fontsize)
+    ax.axvline(0, color="black", linewidth=0.8)
+
+
 def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> Figure:
     """Horizontal bars: each method's LDS (``key``) with its 95% interval, the default solver in
     colour, the number of trained models each method used in its label."""
@@ -138,13 +150,7 @@ def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> F
     earlier = set(_earlier_checkpoint(lds))
     names = [f"{name}" + (f" ({n} models)" if n and n > 1 else "") + (" [default]" if name == default else "")
              + (" [earlier checkpoint]" if name in earlier else "") for name, _, _, n in rows]
-    values = [v for _, v, _, _ in rows]
-    err = [[v - (ci or (v, v))[0] for _, v, ci, _ in rows], [(ci or (v, v))[1] - v for _, v, ci, _ in rows]]
-    colors = ["#0969da" if name == default else "#8c959f" for name, _, _, _ in rows]
-    y = list(range(len(rows)))[::-1]
-    ax.barh(y, values, xerr=err, color=colors, capsize=3)
-    ax.set_yticks(y, names)
-    ax.axvline(0, color="black", linewidth=0.8)
+    draw_lds_bars(ax, rows, default, names)
     what = "margin" if key == "lds_margin" else "loss"
     ax.set_xlabel(f"LDS ({what}): Spearman, across retrained subsets, of predicted vs actual")
     ax.set_title(f"Does influence predict retraining? {lds.get('n_subsets', '?')} random halves, "
