@@ -37,11 +37,13 @@ RESULT_PATH = Path("results/lds.json")
 
 ARRAYS_PATH = Path("results/lds.npz")
 
-FAST_METHODS = ("fast", "fast_v1", "fast_v2", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
+FAST_METHODS = ("fast", "fast_v1", "fast_v2", "ekfac", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
 
 SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
 
 OUR_FAST = {"fast": {}, "fast_v1": FAST_V1, "fast_v2": FAST_V2}  # the fast solver's settings per method name: its defaults, v1, v2
+
+OUR_SOLVERS = {**{name: ("fast", settings) for name, settings in OUR_FAST.items()}, "ekfac": ("ekfac", {})}  # (solver, settings)
 
 
 def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoint=None):
@@ -52,8 +54,8 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
         paths = m.ensemble_members(data, checkpoint, int(k), work.parent / "ensemble")
         return m.fast_ensemble_scores(paths, wd, train, x, y, work / "ensemble", OUR_FAST[base])
 
-    if name in OUR_FAST:
-        return m.solver_scores("fast", OUR_FAST[name], model, wd, train, x, y)
+    if name in OUR_SOLVERS:
+        return m.solver_scores(*OUR_SOLVERS[name], model, wd, train, x, y)
     if name == "grad_dot":
         return m.grad_dot_scores(model, wd, train, x, y)
     if name == "random":
@@ -77,10 +79,13 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
 
 
 def _solver_key(name: str) -> str:
-    """For our fast solver's methods: a hash of its described settings (a new default is a new cache entry)."""
+    """For our solvers' methods: a hash of the described settings (a new default is a new cache entry)."""
     from ..engine.solvers import make_solver
 
-    return "-" + settings_key(make_solver("fast", **OUR_FAST[name]).describe()) if name in OUR_FAST else ""
+    if name not in OUR_SOLVERS:
+        return ""
+    solver, settings = OUR_SOLVERS[name]
+    return "-" + settings_key(make_solver(solver, **settings).describe())
 
 
 def total_minutes(result: dict) -> float:

@@ -27,6 +27,8 @@ from .base import InverseHVP, _check_common
 
 log = logging.getLogger(__name__)
 
+RESTS = ("damping", "ekfac")
+
 
 @dataclass
 class FastSettings:
@@ -38,9 +40,13 @@ class FastSettings:
     seed: int = 0  # seeds the subsamples (and the randomized eigensolver)
     chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
     curvature: str = "ggn"  # the fast solver is built on the GGN's per-example factorisation
+    rest: str = "damping"  # the curvature outside each fit's span: "damping" (zero there: 1/d) or "ekfac" (EK-FAC from
+    #                        all training images, :mod:`.ekfac`, compressed to the rest of the space)
 
     def __post_init__(self):
         _check_common(self)
+        if self.rest not in RESTS:
+            raise ValueError(f"rest must be one of {RESTS}, got {self.rest!r}")
         if self.curvature != "ggn":
             raise ValueError("the fast solver uses the Gauss-Newton curvature; set curvature='ggn'")
         if self.rank < 1 or self.n_samples < 1 or self.chunk_size < 1 or self.n_fits < 1:
@@ -155,7 +161,20 @@ class FastSolver(InverseHVP):
         rows = rows if used == rows.shape[0] else rows[:used].clone()
         self.eigenvectors = rows.T  # (P, F r), orthonormal within each fit; rows (F r, P) contiguous underneath
         self.factors = self.factors if all(f is not None for f in self.factors) else None
+        self.widths = [len(e) for e in evals]
         self._row_basis = None
+        if self.settings.rest == "ekfac":
+            self._fit_rest()
+
+    def _fit_rest(self, state: dict | None = None) -> None:
+        """The EK-FAC solver of the rest of the spectrum (``rest="ekfac"``): on all training images, the same seed."""
+        from .ekfac import EKFACSettings, EKFACSolver
+
+        s = self.settings
+        self.rest_solver = EKFACSolver(EKFACSettings(damping=s.damping, seed=s.seed)).fit(
+            self.model, self.train_data, weight_decay=self.weight_decay, layers=self.layers, state=state,
+            progress=self.progress)
+        self._rest_m = None
 
     def _fit_one(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Factor pieces of the subsample ``idx``, their Gram matrix, its top eigenpairs, the basis.
@@ -237,15 +256,61 @@ class FastSolver(InverseHVP):
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
+        if self.settings.rest == "ekfac":
+            return self._hybrid(v)[0]
         w = self._weights()
         coef = v @ self.eigenvectors  # (K, F r)
         return v / self.total_damping + (coef * w) @ self.eigenvectors.T
 
     def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
+        if self.settings.rest == "ekfac":
+            return self._hybrid(v, quadratic=True)[1]
         return self.quadratic_form_from_products(v @ self.eigenvectors, (v * v).sum(1))
 
-    def basis(self) -> torch.Tensor:
+    def _rest(self):
+        """The EK-FAC solver at this solver's damping and, per fit, the Cholesky factor of ``U_f^T A^{-1} U_f`` (float64)."""
+        rest = self.rest_solver
+        if rest.settings.damping != self.settings.damping or self._rest_m is None:
+            rest.settings.damping = self.settings.damping
+            chol, start = [], 0
+            for width in self.widths:
+                u = self.eigenvectors[:, start : start + width]  # (P, r)
+                start += width
+                m = (rest.inverse_hvp(u.T) @ u).double()  # U^T A^{-1} U (r, r)
+                chol.append(torch.linalg.cholesky((m + m.T) / 2))
+            self._rest_m = (self.settings.damping, chol)
+        return rest, self._rest_m[1]
+
+    def _hybrid(self, v: torch.Tensor, quadratic: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``rest="ekfac"``: ``(H^{-1} v, v^T H^{-1} v)`` (the second only if ``quadratic``; then not the first), with
+
+            H_f^{-1} = U (E + d)^{-1} U^T + A^{-1} - A^{-1} U (U^T A^{-1} U)^{-1} U^T A^{-1}
+
+        averaged over the fits: the inverse of the sampled GGN on the fit's span ``U`` and of the damped
+        EK-FAC ``A`` compressed to the rest of the space (its Schur complement; with ``A = d I`` the
+        fast solver's ``(1/d)(I - U U^T)`` there). Three products with the bases and two EK-FAC solves.
+        """
+        rest, chol = self._rest()
+        d = self.total_damping
+        av = rest.inverse_hvp(v)  # A^{-1} v (K, P)
+        c1 = v @ self.eigenvectors  # U^T v (K, F r)
+        c2 = (av @ self.eigenvectors).double()  # U^T A^{-1} v
+        z, start = torch.empty_like(c2), 0
+        for width, l_f in zip(self.widths, chol, strict=True):
+            block = c2[:, start : start + width]
+            z[:, start : start + width] = torch.cholesky_solve(block.T, l_f).T  # (U^T A^{-1} U)^{-1} U^T A^{-1} v
+            start += width
+        f = self.n_fits
+        if quadratic:
+            q = (c1 * c1 / (self.eigenvalues + d)).sum(1).double() + f * (v * av).sum(1).double() - (c2 * z).sum(1)
+            return None, (q / f).to(v.dtype)
+        out = (c1 / (self.eigenvalues + d)) @ self.eigenvectors.T + f * av - rest.inverse_hvp((z.to(v.dtype)) @ self.eigenvectors.T)
+        return out / f, None
+
+    def basis(self) -> torch.Tensor | None:
+        if self.settings.rest == "ekfac":  # quadratic forms need EK-FAC solves too, not only the basis products
+            return None
         return self.eigenvectors.T  # (F r, P)
 
     def quadratic_form_from_products(self, dots: torch.Tensor, sqnorms: torch.Tensor) -> torch.Tensor:
@@ -253,7 +318,8 @@ class FastSolver(InverseHVP):
 
     def basis_products_ready(self) -> bool:
         """Whether :meth:`basis_products` can run: the fit kept its factors and the model takes the hooks."""
-        return bool(getattr(self, "factors", None)) and _hooks_supported(self.model, self.layers)
+        return (self.settings.rest == "damping" and bool(getattr(self, "factors", None))
+                and _hooks_supported(self.model, self.layers))
 
     def basis_products(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(grad_z(x, y) @ basis().T, squared norms of grad_z)`` without the gradients' Linear-weight rows.
@@ -299,7 +365,10 @@ class FastSolver(InverseHVP):
         return dots, sqnorms
 
     def state_dict(self) -> dict:
-        state = {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors, "n_fits": torch.tensor(self.n_fits)}
+        state = {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors, "n_fits": torch.tensor(self.n_fits),
+                 "widths": torch.tensor(self.widths)}
+        if self.settings.rest == "ekfac":
+            state["rest"] = self.rest_solver.state_dict()
         return state if self.factors is None else {**state, "factors": self.factors}
 
     def load_state_dict(self, state: dict) -> None:
@@ -310,7 +379,13 @@ class FastSolver(InverseHVP):
                          "g": {k: v.to(self.device, self.dtype) for k, v in f["g"].items()},
                          "a": {k: v.to(self.device, self.dtype) for k, v in f["a"].items()}}
                         for f in state.get("factors") or []] or None  # None: an entry from before factors were kept
+        widths = state.get("widths")  # absent in entries from before they were kept: equal widths
+        self.widths = widths.tolist() if widths is not None else [len(self.eigenvalues) // self.n_fits] * self.n_fits
         self._row_basis = None
+        if self.settings.rest == "ekfac":
+            if "rest" not in state:
+                raise ValueError("this fast-solver state has no EK-FAC factors (rest='ekfac'); fit it again")
+            self._fit_rest(state["rest"])
 
 
 

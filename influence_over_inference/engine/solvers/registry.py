@@ -6,6 +6,7 @@ from dataclasses import fields
 
 from .base import InverseHVP
 from .cg import CGSolver
+from .ekfac import EKFACSolver
 from .exact import ExactSolver
 from .fast import FastSolver
 from .lissa import LiSSASolver
@@ -15,11 +16,12 @@ SOLVERS: dict[str, type[InverseHVP]] = {
     "cg": CGSolver,
     "lissa": LiSSASolver,
     "fast": FastSolver,
+    "ekfac": EKFACSolver,
 }
 
 
 def make_solver(name: str, **settings) -> InverseHVP:
-    """A solver by name (``exact``, ``cg``, ``lissa``, ``fast``) with keyword settings.
+    """A solver by name (``exact``, ``cg``, ``lissa``, ``fast``, ``ekfac``) with keyword settings.
 
     Unknown names or settings raise ValueError listing the valid ones.
     """
