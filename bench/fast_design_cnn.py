@@ -11,7 +11,8 @@ Writes the ``cnn_sweep`` section of bench/results/fast_design.json (the small-ne
   in ``results/lds.npz`` (no retraining), for each seed;
 - fit seconds (one thread, under load: not a benchmark) and the basis memory.
 
-Everything is computed once and reused across settings: each fit (seed, n_samples, fit index) is
+The fits are the fast solver's with ``rest="damping"`` (the formula below); the EK-FAC rest of today's
+default is swept by ``bench/ekfac_design_cnn.py``. Everything is computed once and reused across settings: each fit (seed, n_samples, fit index) is
 cached under ``data/fast_design/``; damping and n_fits change only weights. Because the fast
 solver's inverse is ``I/d + (1/F) sum_f U_f diag(1/(e_f + d) - 1/d) U_f^T``, a fit contributes
 ``U_f^T g_test`` and ``U_f^T G_S`` (G_S: the 50 subsets' summed training gradients, one pass) to
@@ -23,7 +24,8 @@ Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--eigh-ite
 ``cnn_sweep`` (the defaults above), ``cnn_sweep_exact_eigh`` (``--m 500 --fits 1 --eigh-iters 0``),
 ``cnn_sweep_16_fits`` (``--m 500 --fits 16``). ``--small '[{}, {"n_fits": 1, "damping": 0.01}, ...]'``
 instead writes ``small_net_pearson``: Pearson against exact influence on the benchmark's 3,702-parameter
-net for each list entry of FastSettings overrides (``{}``: the defaults, ``pearson_default_vs_exact_small``).
+net for each list entry of FastSettings overrides (``{}``: the defaults, ``pearson_default_vs_exact_small``;
+``{"solver": "ekfac", ...}``: another solver's settings).
 """
 
 from __future__ import annotations
@@ -160,9 +162,10 @@ def small_net_pearson(settings_list: list[dict], threads: int = 1) -> dict:
     exact = {}
     rows = []
     for over in settings_list:
-        fast = make_solver("fast", **over).fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
+        settings = {k: v for k, v in over.items() if k != "solver"}  # {"solver": "ekfac", ...}: another solver
+        fast = make_solver(over.get("solver", "fast"), **settings).fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
         row = {**over}
-        for lam in sorted({over.get("damping", FastSettings().damping), 0.01}):
+        for lam in sorted({over.get("damping", fast.settings.damping), 0.01}):
             if lam not in exact:
                 d = tc.weight_decay + lam
                 exact[lam] = torch.linalg.solve(ggn + d * torch.eye(len(ggn), dtype=ggn.dtype), g_test.T).T @ g_train.T / n
@@ -200,7 +203,8 @@ def main(argv=None):
     if args.small is not None:
         out = Path(args.out)
         doc = json.loads(out.read_text()) if out.exists() else {}
-        doc["small_net_pearson"] = with_default_key({"command": "python bench/fast_design_cnn.py --small '<settings>'",
+        section = "small_net_pearson" if args.section == "cnn_sweep" else args.section  # --section: another one
+        doc[section] = with_default_key({"command": "python bench/fast_design_cnn.py --small '<settings>'",
                                                      **small_net_pearson(json.loads(args.small), args.threads)})
         write_json_atomic(doc, out)
         return
@@ -228,7 +232,8 @@ def main(argv=None):
     base_pred = (g_lds.double() @ gs.T).numpy()  # (T, S): g_t . G_S
     configs, fit_seconds = [], {}
     for m, max_fits in zip(args.m, args.fits, strict=True):
-        solvers = {s: _Fits(FastSettings(n_samples=m, n_fits=max_fits, seed=s, rank=args.rank, eigh_iters=args.eigh_iters)
+        solvers = {s: _Fits(FastSettings(n_samples=m, n_fits=max_fits, seed=s, rank=args.rank, eigh_iters=args.eigh_iters,
+                                         rest="damping")
                             ).fit(model, data.train, weight_decay=wd) for s in SEEDS}
         fits = {s: [] for s in SEEDS}
         for f in range(max_fits):

@@ -47,6 +47,7 @@ TIMED = ("epoch", "t100", "kronfluence")
 # idle-machine seconds per stage at 1 thread (the 2026-12-03 run: epoch 8.4 s, default t100 74 s with 16 fits of
 # 250 images, kronfluence 216 s, stability 129 s, small 45 s), plus ~10 s to start each process and load the data
 ESTIMATE_S = {"stability": 130, "small": 45, "epoch": 9 + 10, "t100": 74 + 10, "kronfluence": 216 + 10}
+EKFAC_FIT_S = 60  # the EK-FAC fit on all 50,000 images (rest="ekfac"), 1 thread
 # keys an earlier bench/engine.py run measured under load, superseded by this run's idle timings
 UNDER_LOAD_KEYS = ("epoch_s", "epoch_call_s", "t100_fast_s", "fast_fit_s", "fast_s_test_s", "fast_scoring_s",
                    "t100_fast_epochs", "kronfluence_t100_s", "kronfluence_fit_s", "kronfluence_scores_s",
@@ -269,7 +270,8 @@ def estimate_s(jobs) -> float:
 
     fast = FastSettings()
     fit = 12.4 * getattr(fast, "n_fits", 1) * fast.n_samples / 500
-    extra = {"t100": fit - 12.4, "stability": 2 * (fit - 12.4)}
+    rest = EKFAC_FIT_S if getattr(fast, "rest", "damping") == "ekfac" else 0.0
+    extra = {"t100": fit - 12.4 + rest, "stability": 2 * (fit - 12.4 + rest)}
     return float(sum(ESTIMATE_S[name] + extra.get(name, 0.0) for name, _, _ in jobs))
 
 

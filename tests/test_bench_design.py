@@ -25,7 +25,7 @@ def test_the_sweeps_per_fit_pieces_rebuild_the_solvers_s_test_and_lds_prediction
     model, (x, y) = conv(), blobs(40, (3, 8, 8), 4, seed=3)
     fit(model, x, y, WD, steps=30)
     model.eval()
-    solver = FastSolver(damping=0.1, rank=12, n_samples=10, n_fits=2).fit(model, x, y, weight_decay=WD)
+    solver = FastSolver(damping=0.1, rank=12, n_samples=10, n_fits=2, rest="damping").fit(model, x, y, weight_decay=WD)
     g = grad_z(model, x[:3], y[:3])
     gs = torch.randn(2, g.shape[1], dtype=g.dtype)  # two subsets' summed training gradients
     pieces = [fast_design_cnn.fit_products(solver, 10, 0, f, g, g, gs, tmp_path) for f in range(2)]

@@ -242,7 +242,7 @@ def test_hybrid_state_roundtrip_and_damping_change():
     other = make_solver("fast", rest="ekfac", damping=0.02, rank=12, n_samples=20, n_fits=2).fit(model, x, y, weight_decay=WD)
     hybrid.settings.damping = 0.02  # the damping is read at solve time (the sweeps rely on it)
     assert rel(hybrid.inverse_hvp(v), other.inverse_hvp(v)) < EXACT_REL
-    plain = make_solver("fast", damping=DAMPING, rank=12, n_samples=20, n_fits=2).fit(model, x, y, weight_decay=WD)
+    plain = make_solver("fast", rest="damping", damping=DAMPING, rank=12, n_samples=20, n_fits=2).fit(model, x, y, weight_decay=WD)
     with pytest.raises(ValueError, match="no EK-FAC factors"):
         make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=20, n_fits=2).fit(
             model, x, y, weight_decay=WD, state=plain.state_dict())

@@ -56,17 +56,17 @@ def _split_problem(n=12):
 
 def test_self_influence_on_a_split_with_chosen_layers_is_the_diagonal_in_float64():
     split, model, x, y = _split_problem()
-    for name in ("exact", "fast"):
-        solver = make_solver(name, damping=0.1).fit(model, x, y, weight_decay=WD, layers=["fc2", "fc3"])
+    for name, over in (("exact", {}), ("fast", {}), ("fast", {"rest": "damping"}), ("ekfac", {})):
+        solver = make_solver(name, damping=0.1, **over).fit(model, x, y, weight_decay=WD, layers=["fc2", "fc3"])
         full = influence(model, x, y, split, solver, chunk_size=5)  # the split's uint8 images, cast to float64
         assert full.dtype == torch.float64 and full.shape == (12, 12)
         assert torch.allclose(full, influence(model, x, y, (x, y), solver), atol=EXACT, rtol=0)
         si = self_influence(model, split, solver, chunk_size=5)
         assert si.shape == (12,) and torch.allclose(si, full.diagonal(), atol=EXACT, rtol=1e-9), name
-    fast = make_solver("fast", damping=0.1).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", damping=0.1, rest="damping").fit(model, x, y, weight_decay=WD)
 
     def per_example(vectors):
-        raise AssertionError("the fast solver's self-influence must use its closed form, not per-example solves")
+        raise AssertionError("the fast solver's self-influence (rest='damping') must use its closed form, not per-example solves")
 
     fast.quadratic_form = per_example
     assert self_influence(model, split, fast).shape == (12,)
@@ -335,7 +335,7 @@ def test_make_solver_builds_each_solver_with_its_settings_and_names_the_valid_on
         solver = make_solver(name, damping=0.375)
         assert type(solver) is cls and solver.name == name and solver.settings.damping == 0.375
     assert make_solver("lissa", depth=3).settings.depth == 3
-    with pytest.raises(ValueError, match=re.escape("unknown solver 'newton'; choose one of ['cg', 'exact', 'fast', 'lissa']")):
+    with pytest.raises(ValueError, match=re.escape("unknown solver 'newton'; choose one of ['cg', 'ekfac', 'exact', 'fast', 'lissa']")):
         make_solver("newton")
     valid = sorted(f.name for f in fields(CGSettings))
     with pytest.raises(ValueError, match=re.escape(f"solver 'cg' has no setting(s) ['depth', 'scale']; valid: {valid}")):

@@ -40,8 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--retrain-only", action="store_true",
                    help="lds only: train this worker's subset models (see --worker) and stop; score later")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="lds only: methods to score (default: all: fast fast_v1 fast_v2 grad_dot random kronfluence_ekfac "
-                        "trak_1 cg lissa nimarb)")
+                   help="lds only: methods to score (default: all: fast fast_v1 fast_v2 fast_v3 ekfac grad_dot random "
+                        "kronfluence_ekfac trak_1 cg lissa nimarb)")
     p.add_argument("--cached-only", action="store_true",
                    help="lds only: score only methods whose scores are cached (others reported as not computed)")
     p.add_argument("--no-retrain", action="store_true",

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-FAST_V1 = {"damping": 0.01, "rank": 500, "n_samples": 500, "n_fits": 1, "eigh_iters": 4, "seed": 0}  # the fast solver's defaults before issue 9
-FAST_V2 = {"damping": 0.1, "rank": 500, "n_samples": 500, "n_fits": 8, "eigh_iters": 4, "seed": 0}  # issue 9's first averaged default
+FAST_V1 = {"damping": 0.01, "rank": 500, "n_samples": 500, "n_fits": 1, "eigh_iters": 4, "seed": 0, "rest": "damping"}  # the fast solver's defaults before issue 9
+FAST_V2 = {"damping": 0.1, "rank": 500, "n_samples": 500, "n_fits": 8, "eigh_iters": 4, "seed": 0, "rest": "damping"}  # issue 9's first averaged default
+FAST_V3 = {"damping": 0.1, "rank": 500, "n_samples": 250, "n_fits": 16, "eigh_iters": 4, "seed": 0, "rest": "damping"}  # issue 9's second (16 small fits)
 CG_SETTINGS = {"curvature": "ggn", "n_samples": 1000, "tol": 1e-4, "max_iter": 100, "max_factor_mb": 3000.0}
 LISSA_SETTINGS = {"curvature": "ggn", "depth": 200, "batch_size": 100}  # the benchmark's agreement settings
 NIMARB_TIMED_DEPTH = 20  # nimarb's s_test returns one step on its last minibatch at any depth (tests/test_nimarb.py)

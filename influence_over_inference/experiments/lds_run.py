@@ -27,7 +27,7 @@ from .lds import (
     previous_run,
     subset_masks,
 )
-from .lds_methods import FAST_V1, FAST_V2
+from .lds_methods import FAST_V1, FAST_V2, FAST_V3
 from .lds_score import lds_summary, paired_difference
 from .store import settings_key
 
@@ -37,11 +37,11 @@ RESULT_PATH = Path("results/lds.json")
 
 ARRAYS_PATH = Path("results/lds.npz")
 
-FAST_METHODS = ("fast", "fast_v1", "fast_v2", "ekfac", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
+FAST_METHODS = ("fast", "fast_v1", "fast_v2", "fast_v3", "ekfac", "grad_dot", "random", "kronfluence_ekfac", "trak_1")  # all n_test images
 
 SLOW_METHODS = ("cg", "lissa", "nimarb")  # the n_test_subset images only
 
-OUR_FAST = {"fast": {}, "fast_v1": FAST_V1, "fast_v2": FAST_V2}  # the fast solver's settings per method name: its defaults, v1, v2
+OUR_FAST = {"fast": {}, "fast_v1": FAST_V1, "fast_v2": FAST_V2, "fast_v3": FAST_V3}  # the fast solver's settings per method name: its defaults, v1-v3
 
 OUR_SOLVERS = {**{name: ("fast", settings) for name, settings in OUR_FAST.items()}, "ekfac": ("ekfac", {})}  # (solver, settings)
 
