@@ -167,7 +167,7 @@ def test_lissa_paper_names():
 def test_fast_solver_at_full_rank_on_all_examples_is_exact(small):
     _, model, x, y, v = small
     exact = make_solver("exact", curvature="ggn", damping=0.05).fit(model, x, y, weight_decay=WD)
-    fast = make_solver("fast", damping=0.05, rank=10_000, n_samples=len(x), chunk_size=13).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=10_000, n_samples=len(x), chunk_size=13).fit(model, x, y, weight_decay=WD)
     assert rel(fast.inverse_hvp(v), exact.inverse_hvp(v)) < EXACT_REL
     assert torch.allclose(fast.quadratic_form(v), (fast.inverse_hvp(v) * v).sum(1), rtol=1e-10)
 
@@ -175,7 +175,7 @@ def test_fast_solver_at_full_rank_on_all_examples_is_exact(small):
 def test_fast_solver_state_roundtrip():
     model, x, y = problem("mlp")
     v = grad_z(model, x[:3], y[:3])
-    fast = make_solver("fast", damping=0.05, rank=20, n_samples=30).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=20, n_samples=30).fit(model, x, y, weight_decay=WD)
     again = FastSolver(fast.settings).fit(model, x, y, weight_decay=WD, state=fast.state_dict())
     assert torch.equal(again.inverse_hvp(v), fast.inverse_hvp(v))
 
@@ -184,7 +184,7 @@ def test_fast_solver_averages_the_inverses_of_disjoint_fits(small):
     """n_fits: each fit at full rank on its own subsample is exact for that subsample's GGN, and the
     solver returns the mean of those inverses; quadratic forms (also from basis products) agree."""
     _, model, x, y, v = small
-    fast = make_solver("fast", damping=0.05, rank=10_000, n_samples=15, n_fits=3, chunk_size=7).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=10_000, n_samples=15, n_fits=3, chunk_size=7).fit(model, x, y, weight_decay=WD)
     parts = fast.subsamples()
     assert [len(p) for p in parts] == [15, 15, 15] and len(torch.cat(parts).unique()) == 45  # disjoint
     exact = [make_solver("exact", curvature="ggn", damping=0.05).fit(model, x[p], y[p], weight_decay=WD) for p in parts]
@@ -210,7 +210,7 @@ def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(sma
         return (*made[-1], None)
 
     monkeypatch.setattr(FastSolver, "_fit_one", fake_fit_one)
-    fast = make_solver("fast", n_samples=10, n_fits=3).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", n_samples=10, n_fits=3).fit(model, x, y, weight_decay=WD)
     assert fast.n_fits == 3
     assert torch.equal(fast.eigenvalues, torch.cat([e for e, _ in made]))
     assert torch.equal(fast.eigenvectors, torch.cat([u for _, u in made]).T) and fast.basis().is_contiguous()
@@ -244,7 +244,7 @@ def test_fast_basis_products_take_the_gradients_products_with_the_basis_without_
     from influence_over_inference.engine.scores import self_influence
 
     model, x, y = problem("conv")
-    fast = make_solver("fast", damping=0.05, rank=12, n_samples=8, n_fits=3).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=12, n_samples=8, n_fits=3).fit(model, x, y, weight_decay=WD)
     assert fast.basis_products_ready() and len(fast.factors) == 3
     g = grad_z(model, x[:9], y[:9])
     dots, sqnorms = fast.basis_products(x[:9], y[:9])
@@ -255,25 +255,25 @@ def test_fast_basis_products_take_the_gradients_products_with_the_basis_without_
     fast.factors = None  # as a cache entry written before the factors were kept
     assert not fast.basis_products_ready() and fast.basis_products(x, y) is None
     assert rel(by_products, self_influence(model, (x, y), fast, chunk_size=7)) < EXACT_REL
-    whole = make_solver("fast", damping=0.05, rank=12, n_samples=len(x)).fit(model, x, y, weight_decay=WD)
+    whole = make_solver("fast", rest="damping", damping=0.05, rank=12, n_samples=len(x)).fit(model, x, y, weight_decay=WD)
     assert whole.factors is None and "factors" not in whole.state_dict()  # 60 x 4 factor rows: the basis is cheaper
 
 
 def test_fast_solver_subsamples_shrink_to_fit_a_small_training_set():
     model, x, y = problem("mlp", n=40)
-    fast = make_solver("fast", damping=0.05, rank=20, n_samples=30, n_fits=4).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=20, n_samples=30, n_fits=4).fit(model, x, y, weight_decay=WD)
     assert [len(p) for p in fast.subsamples()] == [10] * 4 and fast.n_fits == 4
-    whole = make_solver("fast", damping=0.05, rank=20, n_samples=40, n_fits=4).fit(model, x, y, weight_decay=WD)
+    whole = make_solver("fast", rest="damping", damping=0.05, rank=20, n_samples=40, n_fits=4).fit(model, x, y, weight_decay=WD)
     assert whole.n_fits == 1  # the whole set: one (exact-curvature) fit, not four identical ones
 
 
 def test_fast_solver_exact_eigh_option_matches_the_full_eigendecomposition():
     model, x, y = problem("conv")
     v = grad_z(model, x[:3], y[:3])
-    exact_eigh = make_solver("fast", damping=0.05, rank=12, n_samples=60, eigh_iters=0).fit(model, x, y, weight_decay=WD)
+    exact_eigh = make_solver("fast", rest="damping", damping=0.05, rank=12, n_samples=60, eigh_iters=0).fit(model, x, y, weight_decay=WD)
     evals = torch.linalg.eigvalsh(explicit_ggn(model, x, y)).flip(0)[:12]
     assert torch.allclose(exact_eigh.eigenvalues, evals, rtol=1e-8)
-    randomized = make_solver("fast", damping=0.05, rank=12, n_samples=60, eigh_iters=1).fit(model, x, y, weight_decay=WD)
+    randomized = make_solver("fast", rest="damping", damping=0.05, rank=12, n_samples=60, eigh_iters=1).fit(model, x, y, weight_decay=WD)
     assert rel(randomized.inverse_hvp(v), exact_eigh.inverse_hvp(v)) > 1e-6  # one iteration is visibly inexact
     assert {"n_fits", "eigh_iters"} <= set(exact_eigh.describe())  # part of every cache key
 
@@ -325,7 +325,7 @@ def test_fast_solver_scores_track_exact_on_a_trained_conv_net():
     xt, yt = blobs(10, (3, 8, 8), 4, seed=9, noise=2.0)
     damping = 0.01
     exact = make_solver("exact", curvature="ggn", damping=damping).fit(model, x, y, weight_decay=WD)
-    fast = make_solver("fast", damping=damping, rank=150, n_samples=len(x)).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=damping, rank=150, n_samples=len(x)).fit(model, x, y, weight_decay=WD)
     reference = influence(model, xt, yt, (x, y), exact)
     scores = influence(model, xt, yt, (x, y), fast)
     rank = lambda t: t.argsort(1).argsort(1).double()  # noqa: E731
@@ -346,7 +346,7 @@ def test_fast_solver_on_a_model_without_the_hook_path_is_exact_at_full_rank():
     fit(model, x, y, WD, steps=30)
     v = grad_z(model, x[:3], y[:3])
     exact = make_solver("exact", damping=0.05).fit(model, x, y, weight_decay=WD)
-    fast = make_solver("fast", damping=0.05, rank=1000, n_samples=30).fit(model, x, y, weight_decay=WD)
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=1000, n_samples=30).fit(model, x, y, weight_decay=WD)
     assert rel(fast.inverse_hvp(v), exact.inverse_hvp(v)) < EXACT_REL
 
 
@@ -371,7 +371,7 @@ def test_fast_state_loads_in_the_models_dtype_and_without_n_fits_means_one_fit()
     torch.manual_seed(0)
     x, y = blobs(40, (6,), 3, seed=11)
     model = fit(mlp(), x, y, WD, steps=30)
-    one = FastSolver(damping=0.1, rank=15, n_samples=20, n_fits=1).fit(model, x, y, weight_decay=WD)
+    one = FastSolver(rest="damping", damping=0.1, rank=15, n_samples=20, n_fits=1).fit(model, x, y, weight_decay=WD)
     v = torch.randn(2, one.n_params, dtype=torch.float64)
     legacy = {k: t for k, t in one.state_dict().items() if k != "n_fits"}
     again = FastSolver(one.settings).fit(model, x, y, weight_decay=WD, state=legacy)
@@ -468,17 +468,17 @@ def test_fast_subsamples_are_disjoint_down_to_one_example_and_too_few_examples_s
     x, y = blobs(5, (6,), 3, seed=16)
     model = mlp().eval()
     with caplog.at_level("WARNING"):
-        solver = FastSolver(damping=0.1, rank=3, n_samples=3, n_fits=4).fit(model, x, y, weight_decay=WD)
+        solver = FastSolver(rest="damping", damping=0.1, rank=3, n_samples=3, n_fits=4).fit(model, x, y, weight_decay=WD)
     subs = solver.subsamples()
     assert [len(s) for s in subs] == [1, 1, 1, 1] and len(set(torch.cat(subs).tolist())) == 4
     assert [r.getMessage() for r in caplog.records] == [
         "fast solver: 5 training examples hold 4 disjoint subsamples of 1, not 3"] * 2  # fit, then the call above
     caplog.clear()
     with caplog.at_level("WARNING"):
-        FastSolver(damping=0.1, rank=3, n_samples=2, n_fits=2).fit(model, x[:4], y[:4], weight_decay=WD)
+        FastSolver(rest="damping", damping=0.1, rank=3, n_samples=2, n_fits=2).fit(model, x[:4], y[:4], weight_decay=WD)
     assert caplog.records == []  # 4 examples hold 2 subsamples of 2: nothing to warn about
     with pytest.raises(ValueError, match=r"^n_fits=8 disjoint subsamples need at least 8 training examples, got 5$"):
-        FastSolver(damping=0.1, rank=3, n_samples=3, n_fits=8).fit(model, x, y, weight_decay=WD)
+        FastSolver(rest="damping", damping=0.1, rank=3, n_samples=3, n_fits=8).fit(model, x, y, weight_decay=WD)
 
 
 def test_fast_fit_is_seeded_and_needs_positive_total_damping():
@@ -488,9 +488,9 @@ def test_fast_fit_is_seeded_and_needs_positive_total_damping():
     fits = []
     for global_seed in (1, 2):  # the randomized eigensolver draws from the solver's seed, not the global generator
         torch.manual_seed(global_seed)
-        fits.append(FastSolver(damping=0.1, rank=8, n_samples=10, n_fits=3, eigh_iters=1).fit(model, x, y, weight_decay=WD))
+        fits.append(FastSolver(rest="damping", damping=0.1, rank=8, n_samples=10, n_fits=3, eigh_iters=1).fit(model, x, y, weight_decay=WD))
     assert torch.equal(fits[0].eigenvalues, fits[1].eigenvalues) and torch.equal(fits[0].eigenvectors, fits[1].eigenvectors)
-    undamped = FastSolver(damping=0.0, rank=8, n_samples=10, n_fits=1).fit(model, x, y, weight_decay=0.0)
+    undamped = FastSolver(rest="damping", damping=0.0, rank=8, n_samples=10, n_fits=1).fit(model, x, y, weight_decay=0.0)
     with pytest.raises(ValueError, match=r"^the fast solver needs weight_decay \+ damping > 0 \(the rest of the spectrum is treated as 0\)$"):
         undamped.inverse_hvp(torch.ones(1, undamped.n_params, dtype=torch.float64))
 
@@ -501,7 +501,7 @@ def test_fast_with_more_factor_rows_than_parameters_drops_the_null_eigenvalues()
     torch.manual_seed(0)
     x, y = blobs(20, (5,), 3, seed=18)
     model = fit(logistic(), x, y, WD, steps=50)
-    fast = FastSolver(damping=0.1, rank=60, n_samples=20, eigh_iters=0).fit(model, x, y, weight_decay=WD)
+    fast = FastSolver(rest="damping", damping=0.1, rank=60, n_samples=20, eigh_iters=0).fit(model, x, y, weight_decay=WD)
     assert len(fast.eigenvalues) <= 18
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD)
     v = torch.randn(3, 18, dtype=torch.float64)
@@ -514,7 +514,7 @@ def test_fast_on_a_layer_without_curvature_is_the_damped_identity():
     torch.manual_seed(0)
     x, y = blobs(20, (6,), 3, seed=19)
     dead = dead_relu_net(h=4)
-    fast = FastSolver(damping=0.1, rank=5, n_samples=10, n_fits=2).fit(dead, x, y, weight_decay=WD, layers=["1"])
+    fast = FastSolver(rest="damping", damping=0.1, rank=5, n_samples=10, n_fits=2).fit(dead, x, y, weight_decay=WD, layers=["1"])
     assert fast.eigenvalues.shape == (0,) and fast.eigenvectors.shape == (28, 0)
     v = torch.randn(2, 28, dtype=torch.float64)
     assert torch.allclose(fast.inverse_hvp(v), v / (WD + 0.1), rtol=1e-14, atol=0)
@@ -600,12 +600,12 @@ def test_fast_on_a_model_the_hooks_cannot_take_equals_exact_at_full_rank(layers,
     torch.manual_seed(0)
     x, y = blobs(12, (6,), 3, seed=25)
     model = fit(layer_norm_net(), x, y, WD, steps=30).eval()
-    fast = FastSolver(damping=0.1, rank=36, n_samples=12, eigh_iters=0, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers)
+    fast = FastSolver(rest="damping", damping=0.1, rank=36, n_samples=12, eigh_iters=0, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers)
     assert capsys.readouterr().err == ""
     exact = make_solver("exact", damping=0.1).fit(model, x, y, weight_decay=WD, layers=layers)
     v = torch.randn(2, exact.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(fast.inverse_hvp(v), exact.inverse_hvp(v), rtol=1e-8, atol=1e-10)
-    FastSolver(damping=0.1, rank=36, n_samples=12, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers, progress=True)
+    FastSolver(rest="damping", damping=0.1, rank=36, n_samples=12, chunk_size=5).fit(model, x, y, weight_decay=WD, layers=layers, progress=True)
     err = capsys.readouterr().err
     assert "fast solver: GGN factor" in err and "chunk" in err
 

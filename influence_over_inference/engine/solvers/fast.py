@@ -182,10 +182,19 @@ class FastSolver(InverseHVP):
         from .ekfac import EKFACSettings, EKFACSolver
 
         s = self.settings
+        self._rest_m = None
+        if not _hooks_supported(self.model, self.layers):  # EK-FAC takes Linear and Conv2d layers only
+            log.warning("fast solver: EK-FAC takes only nn.Linear and nn.Conv2d parameters; the curvature outside "
+                        "the fits' spans is taken as zero (as rest='damping')")
+            self.rest_solver = None
+            return
         self.rest_solver = EKFACSolver(EKFACSettings(damping=s.damping, seed=s.seed)).fit(
             self.model, self.train_data, weight_decay=self.weight_decay, layers=self.layers, state=state,
             progress=self.progress)
-        self._rest_m = None
+
+    def _uses_rest(self) -> bool:
+        """Whether the rest of the space is EK-FAC's (``rest="ekfac"`` on a model EK-FAC can take)."""
+        return self.settings.rest == "ekfac" and getattr(self, "rest_solver", None) is not None
 
     def _fit_one(self, idx: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Factor pieces of the subsample ``idx``, their Gram matrix, its top eigenpairs, the basis.
@@ -267,7 +276,7 @@ class FastSolver(InverseHVP):
 
     def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
-        if self.settings.rest == "ekfac":
+        if self._uses_rest():
             return self._hybrid(v)[0]
         w = self._weights()
         coef = v @ self.eigenvectors  # (K, F r)
@@ -275,7 +284,7 @@ class FastSolver(InverseHVP):
 
     def quadratic_form(self, vectors: torch.Tensor) -> torch.Tensor:
         v = self._check_vectors(vectors)
-        if self.settings.rest == "ekfac":
+        if self._uses_rest():
             return self._hybrid(v, quadratic=True)[1]
         return self.quadratic_form_from_products(v @ self.eigenvectors, (v * v).sum(1))
 
@@ -320,7 +329,7 @@ class FastSolver(InverseHVP):
         return out / f, None
 
     def basis(self) -> torch.Tensor | None:
-        if self.settings.rest == "ekfac":  # quadratic forms need EK-FAC solves too, not only the basis products
+        if self._uses_rest():  # quadratic forms need EK-FAC solves too, not only the basis products
             return None
         return self.eigenvectors.T  # (F r, P)
 
@@ -329,7 +338,7 @@ class FastSolver(InverseHVP):
 
     def basis_products_ready(self) -> bool:
         """Whether :meth:`basis_products` can run: the fit kept its factors and the model takes the hooks."""
-        return (self.settings.rest == "damping" and bool(getattr(self, "factors", None))
+        return (not self._uses_rest() and bool(getattr(self, "factors", None))
                 and _hooks_supported(self.model, self.layers))
 
     def basis_products(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -378,7 +387,7 @@ class FastSolver(InverseHVP):
     def state_dict(self) -> dict:
         state = {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors, "n_fits": torch.tensor(self.n_fits),
                  "widths": torch.tensor(self.widths)}
-        if self.settings.rest == "ekfac":
+        if self._uses_rest():
             state["rest"] = self.rest_solver.state_dict()
         return state if self.factors is None else {**state, "factors": self.factors}
 
@@ -393,7 +402,8 @@ class FastSolver(InverseHVP):
         widths = state.get("widths")  # absent in entries from before they were kept: equal widths
         self.widths = widths.tolist() if widths is not None else [len(self.eigenvalues) // self.n_fits] * self.n_fits
         self._row_basis = None
-        if self.settings.rest == "ekfac":
+        self.rest_solver = None
+        if self.settings.rest == "ekfac" and _hooks_supported(self.model, self.layers):
             if "rest" not in state:
                 raise ValueError("this fast-solver state has no EK-FAC factors (rest='ekfac'); fit it again")
             self._fit_rest(state["rest"])
