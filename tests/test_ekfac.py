@@ -248,3 +248,18 @@ def test_hybrid_state_roundtrip_and_damping_change():
             model, x, y, weight_decay=WD, state=plain.state_dict())
     with pytest.raises(ValueError, match="rest must be one of"):
         make_solver("fast", rest="kfac")
+
+
+def test_hybrid_on_a_model_ekfac_cannot_take_is_the_fast_solver_with_zero_rest_and_says_so(caplog):
+    torch.manual_seed(0)
+    model = layer_norm_net()
+    x, y = blobs(30, (6,), 3)
+    v = grad_z(model, x[:3], y[:3])
+    with caplog.at_level("WARNING"):
+        hybrid = make_solver("fast", damping=DAMPING, rank=8, n_samples=10, n_fits=2).fit(model, x, y, weight_decay=WD)
+    assert "EK-FAC takes only nn.Linear and nn.Conv2d" in caplog.text
+    plain = make_solver("fast", rest="damping", damping=DAMPING, rank=8, n_samples=10, n_fits=2).fit(model, x, y, weight_decay=WD)
+    assert torch.equal(hybrid.inverse_hvp(v), plain.inverse_hvp(v))
+    again = make_solver("fast", damping=DAMPING, rank=8, n_samples=10, n_fits=2).fit(model, x, y, weight_decay=WD,
+                                                                                      state=hybrid.state_dict())
+    assert torch.equal(again.inverse_hvp(v), plain.inverse_hvp(v))
