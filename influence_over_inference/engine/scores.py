@@ -121,8 +121,10 @@ def self_influence(
 ) -> torch.Tensor | None:
     """``(1/n) grad L(j)^T (C + wd I + lambda I)^{-1} grad L(j)`` for every training example: (n,).
 
-    Uses ``solver.quadratic_form`` (closed form and cheap for the fast solver; one inverse-HVP
-    per training example otherwise). Under ``torch.distributed`` each rank takes its shard and
+    Uses the fast solver's basis products where its rest is zero (``rest="damping"``: closed form,
+    no Linear-weight rows), else ``solver.quadratic_form`` per chunk of gradients (the hybrid
+    default and EK-FAC: two EK-FAC solves and products with the basis; an inverse-HVP per
+    example for the others). Under ``torch.distributed`` each rank takes its shard and
     rank 0 returns the whole vector; other ranks return None.
     """
     n = data_length(train)

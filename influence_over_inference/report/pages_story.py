@@ -190,8 +190,8 @@ def method_slide(inputs, config):
         "vectorised chunks and dotted with every s_test at once.",
         "H: curvature of the mean training loss plus weight decay (Hessian, or Gauss-Newton); "
         "\u03bb: damping. Solvers: exact (small models), conjugate gradient, LiSSA (done right), and "
-        "a fast one: the top eigenpairs of the Gauss-Newton matrix, fitted once on a training "
-        "subsample, inverted exactly there and as 1/(weight decay + \u03bb) elsewhere.",
+        "a fast one: the top eigenpairs of the Gauss-Newton matrix from 16 small training "
+        "subsamples, inverted exactly there, and EK-FAC from all training images elsewhere.",
     ]
     if solver:
         short = {"n_samples": "images", "n_fits": "fits"}  # one line on the slide
