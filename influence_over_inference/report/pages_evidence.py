@@ -220,8 +220,7 @@ def applications_slide(inputs, config):
     _bullets(right, [
         "Perturbation stress tests: are the rankings stable under small changes of the test image "
         "or of the training run (seed, data order)?",
-        "Closer to retraining: single models stay near LDS 0.07 whatever the solver; ensembles "
-        "of trained models (and checkpoints along training) are what lifts it.",
+        "Closer to retraining: ensembles of trained models lift the LDS.",
         "Larger models (ResNets) and other solvers (Arnoldi) on the same benchmarks.",
         "Scaling out: gradients on the GPU and across machines, scores for the whole test set.",
     ], fontsize=BODY_PT - 2, top=0.84, left=0.07, gap=0.45)
