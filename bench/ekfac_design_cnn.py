@@ -28,24 +28,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-from fast_design_cnn import CACHE, N_STABLE, OUT, _peak_mb, _train_pass, lds_of, stability  # noqa: E402
+from fast_design_cnn import N_STABLE, OUT, _peak_mb, _train_pass, lds_of, lds_setup, stability  # noqa: E402
 
-from influence_over_inference.engine.gradients import grad_z  # noqa: E402
 from influence_over_inference.engine.hashing import file_sha256  # noqa: E402
 from influence_over_inference.engine.io import atomic_torch_save, write_json_atomic  # noqa: E402
 from influence_over_inference.engine.solvers.ekfac import EKFACSettings, EKFACSolver  # noqa: E402
 from influence_over_inference.engine.solvers.fast import FastSettings, FastSolver  # noqa: E402
-from influence_over_inference.experiments.lds import LDSConfig, subset_masks  # noqa: E402
-from influence_over_inference.experiments.store import settings_key  # noqa: E402
-from influence_over_inference.study.checkpoints import load_checkpoint  # noqa: E402
-from influence_over_inference.study.data import load_cifar10  # noqa: E402
 
 log = logging.getLogger("ekfac_design_cnn")
 
@@ -78,27 +72,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    data = load_cifar10(root=str(ROOT / "data"))
-    model, meta = load_checkpoint(ROOT / "data/cifar_net.pt")
-    model.eval()
-    wd = float(meta["recipe"]["weight_decay"])
-    arrays = np.load(ROOT / "results/lds.npz")
-    test_idx, margins, subsets = arrays["test_indices"], arrays["margins"].astype(np.float64), arrays["subsets"]
-    masks = subset_masks(len(data.train), LDSConfig())[subsets]
-    stable_pos = torch.randperm(len(test_idx), generator=torch.Generator().manual_seed(9))[:N_STABLE].sort().values
-    key = settings_key({"ck": file_sha256(ROOT / "data/cifar_net.pt"), "data": data.source, "test": test_idx.tolist(),
-                        "subsets": subsets.tolist(), "rank": 500})  # fast_design_cnn.py's key: the same G_S
-    cache = CACHE / key
-    cache.mkdir(parents=True, exist_ok=True)
-    x, y = data.test.tensors(torch.as_tensor(test_idx))
-    g_lds = grad_z(model, x, y)  # (T, P)
-    g_stable = g_lds[stable_pos]
-    gs_path = cache / "subset_gradient_sums.pt"
-    if gs_path.exists():
-        gs = torch.load(gs_path, weights_only=True)
-    else:
-        gs, _ = _train_pass(model, data.train, masks, None, "subset gradient sums")
-        atomic_torch_save(gs, gs_path)
+    lds = lds_setup()  # fast_design_cnn.py's (its cache key at rank 500): the same G_S
+    data, model, wd, margins, masks, cache, g_lds, g_stable, gs = (lds.data, lds.model, lds.wd, lds.margins, lds.masks,
+                                                                   lds.cache, lds.g_lds, lds.g_stable, lds.gs)
     results, fit_seconds, stable_rows = [], {}, []
     for labels in args.labels:
         seeds = (0, 1) if labels == "sampled" else (0,)
@@ -150,7 +126,7 @@ def main(argv=None):
         "command": "python bench/ekfac_design_cnn.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "data_source": data.source, "n_train": len(data.train), "weight_decay": wd,
         "checkpoint_sha256": file_sha256(ROOT / "data/cifar_net.pt")[:16],
-        "n_lds_test": len(test_idx), "n_subsets": len(subsets), "fit_s": fit_seconds, "peak_rss_mb": _peak_mb(),
+        "n_lds_test": len(lds.test_idx), "n_subsets": len(lds.subsets), "fit_s": fit_seconds, "peak_rss_mb": _peak_mb(),
         "threads": args.threads,
         "notes": "EK-FAC on all 50,000 training images; LDS: margin, 500 LDS test images, 50 retrained halves, 95% "
                  "bootstrap CI; stability: seeds 0 vs 1 (sampled labels; the hybrid: the fast fits' seeds), 10 test "

@@ -37,6 +37,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -187,6 +188,34 @@ def with_default_key(section: dict) -> dict:
     return section
 
 
+def lds_setup(rank: int = 500) -> SimpleNamespace:
+    """What both design sweeps score against: the checkpoint, the LDS arrays of ``results/lds.npz``, the 10
+    stability test images, the cache folder (keyed by checkpoint, data, test images, subsets and ``rank``),
+    the LDS test images' gradients and the subsets' summed training gradients ``G_S`` (cached there)."""
+    data = load_cifar10(root=str(ROOT / "data"))
+    model, meta = load_checkpoint(ROOT / "data/cifar_net.pt")
+    model.eval()
+    arrays = np.load(ROOT / "results/lds.npz")
+    test_idx, margins, subsets = arrays["test_indices"], arrays["margins"].astype(np.float64), arrays["subsets"]
+    masks = subset_masks(len(data.train), LDSConfig())[subsets]
+    stable_pos = torch.randperm(len(test_idx), generator=torch.Generator().manual_seed(9))[:N_STABLE].sort().values
+    key = settings_key({"ck": file_sha256(ROOT / "data/cifar_net.pt"), "data": data.source, "test": test_idx.tolist(),
+                        "subsets": subsets.tolist(), "rank": rank})
+    cache = CACHE / key
+    cache.mkdir(parents=True, exist_ok=True)
+    x, y = data.test.tensors(torch.as_tensor(test_idx))
+    g_lds = grad_z(model, x, y)  # (T, P)
+    gs_path = cache / "subset_gradient_sums.pt"
+    if gs_path.exists():
+        gs = torch.load(gs_path, weights_only=True)
+    else:
+        gs, _ = _train_pass(model, data.train, masks, None, "subset gradient sums")
+        atomic_torch_save(gs, gs_path)
+    return SimpleNamespace(data=data, model=model, wd=float(meta["recipe"]["weight_decay"]), test_idx=test_idx,
+                           margins=margins, subsets=subsets, masks=masks, stable_pos=stable_pos, cache=cache,
+                           g_lds=g_lds, g_stable=g_lds[stable_pos], gs=gs)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[500, 1000], help="n_samples values")
@@ -208,27 +237,10 @@ def main(argv=None):
                                                      **small_net_pearson(json.loads(args.small), args.threads)})
         write_json_atomic(doc, out)
         return
-    data = load_cifar10(root=str(ROOT / "data"))
-    model, meta = load_checkpoint(ROOT / "data/cifar_net.pt")
-    model.eval()
-    wd = float(meta["recipe"]["weight_decay"])
-    arrays = np.load(ROOT / "results/lds.npz")
-    test_idx, margins, subsets = arrays["test_indices"], arrays["margins"].astype(np.float64), arrays["subsets"]
-    masks = subset_masks(len(data.train), LDSConfig())[subsets]
-    stable_pos = torch.randperm(len(test_idx), generator=torch.Generator().manual_seed(9))[:N_STABLE].sort().values
-    key = settings_key({"ck": file_sha256(ROOT / "data/cifar_net.pt"), "data": data.source, "test": test_idx.tolist(),
-                        "subsets": subsets.tolist(), "rank": args.rank})
-    cache = CACHE / key
-    cache.mkdir(parents=True, exist_ok=True)
-    x, y = data.test.tensors(torch.as_tensor(test_idx))
-    g_lds = grad_z(model, x, y)  # (T, P)
-    g_stable = g_lds[stable_pos]
-    gs_path = cache / "subset_gradient_sums.pt"
-    if gs_path.exists():
-        gs = torch.load(gs_path, weights_only=True)
-    else:
-        gs, _ = _train_pass(model, data.train, masks, None, "subset gradient sums")
-        atomic_torch_save(gs, gs_path)
+    lds = lds_setup(args.rank)
+    data, model, wd, test_idx, margins, subsets, masks = (lds.data, lds.model, lds.wd, lds.test_idx, lds.margins,
+                                                          lds.subsets, lds.masks)
+    stable_pos, cache, g_lds, g_stable, gs = lds.stable_pos, lds.cache, lds.g_lds, lds.g_stable, lds.gs
     base_pred = (g_lds.double() @ gs.T).numpy()  # (T, S): g_t . G_S
     configs, fit_seconds = [], {}
     for m, max_fits in zip(args.m, args.fits, strict=True):

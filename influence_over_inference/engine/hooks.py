@@ -33,6 +33,17 @@ def _label_cotangent(y: torch.Tensor):
     return cotangent
 
 
+def _class_cotangents(probs: torch.Tensor) -> list[torch.Tensor]:
+    """Per class ``c``: ``sqrt(p_c) (softmax - onehot(c))`` (B, C), so that the outer products of the
+    cotangents summed over classes are ``diag(p) - p p^T``, the GGN's output curvature of cross-entropy."""
+    out = []
+    for c in range(probs.shape[1]):
+        cot = probs.clone()
+        cot[:, c] -= 1.0
+        out.append(cot * probs[:, c : c + 1].sqrt())
+    return out
+
+
 def _hooks_supported(model: nn.Module, layers) -> bool:
     modules = dict(model.named_modules())
     named = dict(model.named_parameters())
@@ -254,10 +265,7 @@ def class_gradient_parts(model: nn.Module, x: torch.Tensor, layers: Sequence[str
         probs = torch.softmax(logits.detach(), dim=1)
         b, n_classes = probs.shape
         per_class = []  # per class: {module: grad at its output}
-        for c in range(n_classes):
-            cot = probs.clone()
-            cot[:, c] -= 1.0
-            cot = cot * probs[:, c : c + 1].sqrt()
+        for c, cot in enumerate(_class_cotangents(probs)):
             grads = torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=cot, retain_graph=c < n_classes - 1)
             per_class.append(dict(zip(owners, grads, strict=True)))
         parts, done = {}, {}

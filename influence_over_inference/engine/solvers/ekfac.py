@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..hooks import _capture_layers, _hooks_supported, _module_sample_grads
+from ..hooks import (
+    _capture_layers,
+    _class_cotangents,
+    _hooks_supported,
+    _label_cotangent,
+    _module_sample_grads,
+)
 from ..params import select_parameters, unflatten_params
 from .base import InverseHVP, _check_common
 
@@ -88,17 +94,16 @@ class EKFACSolver(InverseHVP):
         else:
             idx = torch.arange(self.n_train)
         self.blocks = _layer_blocks(self.model, self.layers)
-        chunks = [idx[i : i + s.chunk_size] for i in range(0, len(idx), s.chunk_size)]
         uniforms = torch.rand(len(idx), generator=gen, dtype=torch.float64)  # one per image: its sampled label in both passes
-        draws = [uniforms[i : i + s.chunk_size] for i in range(0, len(idx), s.chunk_size)]
+
+        def chunks(pos):  # (training indices, their uniforms) of the positions ``pos`` of idx, chunk by chunk
+            return [(idx[pos[i : i + s.chunk_size]], uniforms[pos[i : i + s.chunk_size]]) for i in range(0, len(pos), s.chunk_size)]
 
         pos = torch.arange(len(idx))  # the images of the factors: all, or a seeded subsample (their labels as drawn)
         if s.n_factor_samples is not None and s.n_factor_samples < len(idx):
             pos = torch.randperm(len(idx), generator=gen)[: s.n_factor_samples].sort().values
-        factor_chunks = [(idx[pos[i : i + s.chunk_size]], uniforms[pos[i : i + s.chunk_size]])
-                         for i in range(0, len(pos), s.chunk_size)]
         cov = {m: [0.0, 0.0] for m in self.blocks}
-        for chunk, u in tqdm(factor_chunks, desc="EK-FAC: factors", unit="chunk", disable=not self.progress, leave=False):
+        for chunk, u in tqdm(chunks(pos), desc="EK-FAC: factors", unit="chunk", disable=not self.progress, leave=False):
             for m, (a, grads) in self._layer_pieces(chunk, u).items():
                 module, flags = self.blocks[m]
                 cov[m][0] = cov[m][0] + _input_cov(module, a, *flags)
@@ -109,7 +114,7 @@ class EKFACSolver(InverseHVP):
             self.q_s[m] = torch.linalg.eigh(s_cov)[1].to(self.dtype)
 
         lam = {m: torch.zeros(len(self.q_s[m]), len(self.q_a[m]), dtype=torch.float64, device=self.device) for m in self.blocks}
-        for chunk, u in tqdm(list(zip(chunks, draws, strict=True)), desc="EK-FAC: eigenvalues", unit="chunk",
+        for chunk, u in tqdm(chunks(torch.arange(len(idx))), desc="EK-FAC: eigenvalues", unit="chunk",
                              disable=not self.progress, leave=False):
             for m, (a, grads) in self._layer_pieces(chunk, u).items():
                 lam[m] += self._rotated_squares(m, a, grads)
@@ -125,19 +130,12 @@ class EKFACSolver(InverseHVP):
         """
         x, _ = self._train_tensors(chunk)
         _, owners, inputs, outputs, logits = _capture_layers(self.model, x, self.layers)
-        probs = torch.softmax(logits.detach(), dim=1)  # (B, C)
         if self.settings.labels == "sampled":
             cdf = torch.softmax(logits.detach().double(), dim=1).cumsum(1)
-            y = (cdf < uniforms.to(cdf.device)[:, None]).sum(1).clamp_max(probs.shape[1] - 1)
-            cot = probs.clone()
-            cot[torch.arange(len(x)), y] -= 1.0
-            cots = [cot]
+            y = (cdf < uniforms.to(cdf.device)[:, None]).sum(1).clamp_max(cdf.shape[1] - 1)
+            cots = [_label_cotangent(y)(logits.detach())]
         else:
-            cots = []
-            for c in range(probs.shape[1]):
-                cot = probs.clone()
-                cot[:, c] -= 1.0
-                cots.append(cot * probs[:, c : c + 1].sqrt())
+            cots = _class_cotangents(torch.softmax(logits.detach(), dim=1))
         grads = [torch.autograd.grad(logits, [outputs[m] for m in owners], grad_outputs=c, retain_graph=i < len(cots) - 1)
                  for i, c in enumerate(cots)]
         return {m: (inputs[m], [g[j] for g in grads]) for j, m in enumerate(owners)}
@@ -158,8 +156,7 @@ class EKFACSolver(InverseHVP):
         for g in grads:
             if type(module) is nn.Conv2d:
                 sample = _module_sample_grads(module, a, g)  # weight (B, out, in), bias (B, out)
-                dw = torch.cat(([sample["weight"].reshape(*g.shape[:2], -1)] if has_w else [])
-                               + ([g.flatten(2).sum(2)[..., None]] if has_b else []), dim=2)
+                dw = torch.cat(([sample["weight"]] if has_w else []) + ([sample["bias"][..., None]] if has_b else []), dim=2)
             else:  # a Linear layer applied at several positions
                 aa = _with_ones(a.reshape(len(a), -1, a.shape[-1]), has_w, has_b)  # (B, T, in)
                 dw = torch.einsum("bto,bti->boi", g.reshape(len(g), -1, g.shape[-1]), aa)

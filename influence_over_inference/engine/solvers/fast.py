@@ -64,9 +64,9 @@ class FastSolver(InverseHVP):
     halves, fast seeds 0 / 1): the sampled GGN's top eigenpairs miss the rest of the spectrum, which
     ``1/d`` treats as zero, so the low damping at which the LDS is highest amplified the sampling
     noise there. With EK-FAC from all training images for the rest (:meth:`_hybrid`), the LDS at
-    damping 0.01 is 0.074 / 0.074, against 0.070 for EK-FAC alone (ours, as kronfluence's) and 0.060
-    for the 16 x 250 fits with ``1/d`` at 0.1 (the previous default); at 0.1 the hybrid gives 0.068 /
-    0.066. The price: an EK-FAC fit on top of the 16 fits, and quadratic forms (self-influence) need
+    damping 0.01 is 0.073 / 0.073, against 0.070 for EK-FAC alone (ours, as kronfluence's) and 0.060
+    for the 16 x 250 fits with ``1/d`` at 0.1 (the previous default); at 0.1 the hybrid (its EK-FAC
+    factors from 5,000 images) gives 0.068 / 0.066. The price: an EK-FAC fit on top of the 16 fits, and quadratic forms (self-influence) need
     EK-FAC solves, not only the basis products (:meth:`basis` is None). What follows describes the
     fits themselves and how their number and size were chosen (with ``rest="damping"``).
 
@@ -291,16 +291,15 @@ class FastSolver(InverseHVP):
     def _rest(self):
         """The EK-FAC solver at this solver's damping and, per fit, the Cholesky factor of ``U_f^T A^{-1} U_f`` (float64)."""
         rest = self.rest_solver
-        if rest.settings.damping != self.settings.damping or self._rest_m is None:
+        if rest.settings.damping != self.settings.damping or self._rest_m is None:  # again after a damping change
             rest.settings.damping = self.settings.damping
-            chol, start = [], 0
+            self._rest_m, start = [], 0
             for width in self.widths:
                 u = self.eigenvectors[:, start : start + width]  # (P, r)
                 start += width
                 m = (rest.inverse_hvp(u.T) @ u).double()  # U^T A^{-1} U (r, r)
-                chol.append(torch.linalg.cholesky((m + m.T) / 2))
-            self._rest_m = (self.settings.damping, chol)
-        return rest, self._rest_m[1]
+                self._rest_m.append(torch.linalg.cholesky((m + m.T) / 2))
+        return rest, self._rest_m
 
     def _hybrid(self, v: torch.Tensor, quadratic: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``rest="ekfac"``: ``(H^{-1} v, v^T H^{-1} v)`` (the second only if ``quadratic``; then not the first), with
