@@ -114,6 +114,22 @@ def test_ekfac_inverse_is_the_explicit_block_diagonal_matrixs(kind):
     direct = torch.linalg.solve(matrix + (WD + DAMPING) * torch.eye(len(matrix), dtype=matrix.dtype), v.T).T
     assert rel(solver.inverse_hvp(v), direct) < EXACT_REL
     assert rel(solver.quadratic_form(v), (direct * v).sum(1)) < EXACT_REL
+    assert rel(solver.inverse_gram(v), direct @ v.T) < EXACT_REL  # V H^{-1} V^T without the rotation back
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2), ((2, 1), (0, 1), (1, 2))])
+def test_ekfac_input_factor_of_a_convolution_is_unfolds(stride, padding, dilation):
+    """The strided-view patches (one matrix product) against ``unfold``'s, with the bias's row and column."""
+    from influence_over_inference.engine.solvers.ekfac import _input_cov
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, (3, 2), stride=stride, padding=padding, dilation=dilation).double()
+    a = torch.randn(5, 3, 9, 8, dtype=torch.float64)
+    patches = torch.nn.functional.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                         stride=conv.stride).transpose(1, 2).reshape(-1, 18)  # (B T, Cin kh kw)
+    rows = torch.cat([patches, patches.new_ones(len(patches), 1)], 1)
+    assert rel(_input_cov(conv, a, True, True), rows.T @ rows) < 1e-12
+    assert rel(_input_cov(conv, a, True, False), patches.T @ patches) < 1e-12
 
 
 def test_ekfac_of_chosen_layers_and_of_a_bias_alone():

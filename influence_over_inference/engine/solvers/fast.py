@@ -295,9 +295,8 @@ class FastSolver(InverseHVP):
             rest.settings.damping = self.settings.damping
             self._rest_m, start = [], 0
             for width in self.widths:
-                u = self.eigenvectors[:, start : start + width]  # (P, r)
+                m = rest.inverse_gram(self.eigenvectors[:, start : start + width].T).double()  # U^T A^{-1} U (r, r)
                 start += width
-                m = (rest.inverse_hvp(u.T) @ u).double()  # U^T A^{-1} U (r, r)
                 self._rest_m.append(torch.linalg.cholesky((m + m.T) / 2))
         return rest, self._rest_m
 
