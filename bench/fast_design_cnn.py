@@ -25,7 +25,8 @@ Usage: ``python bench/fast_design_cnn.py [--m 500 1000] [--fits 8 4] [--eigh-ite
 ``cnn_sweep_16_fits`` (``--m 500 --fits 16``). ``--small '[{}, {"n_fits": 1, "damping": 0.01}, ...]'``
 instead writes ``small_net_pearson``: Pearson against exact influence on the benchmark's 3,702-parameter
 net for each list entry of FastSettings overrides (``{}``: the defaults, ``pearson_default_vs_exact_small``;
-``{"solver": "ekfac", ...}``: another solver's settings).
+``{"solver": "ekfac", ...}``: another solver's settings). ``--small-errors`` writes ``small_net_hybrid_errors``:
+the default hybrid's Pearson there with its sampled span, its EK-FAC rest or both replaced by the exact GGN.
 """
 
 from __future__ import annotations
@@ -130,19 +131,16 @@ def stability(a: torch.Tensor, b: torch.Tensor) -> dict:
             "seed_top10_overlap": float(np.mean(hel + har)) / 10}
 
 
-def small_net_pearson(settings_list: list[dict], threads: int = 1) -> dict:
-    """Pearson of the fast solver against exact influence (explicit damped GGN, float64) on the benchmark's
-    small net (``bench/engine_stages/small.py``: same net, training subset, recipe and test images), at each
-    setting's own damping and at the notebook's 0.01. ``settings_list``: FastSettings overrides."""
+def _small_problem(threads: int) -> SimpleNamespace:
+    """The benchmark's small net (``bench/engine_stages/small.py``: same net, training subset, recipe and
+    test images) in float64, its explicit GGN and the test and training gradients."""
     import copy
 
     sys.path.insert(0, str(ROOT / "bench"))
     from engine_stages.common import _test, random_subset
     from engine_stages.config import BenchConfig
-    from engine_stages.small import _pearson_rows, explicit_ggn
+    from engine_stages.small import explicit_ggn
 
-    from influence_over_inference.engine.scores import influence
-    from influence_over_inference.engine.solvers.registry import make_solver
     from influence_over_inference.study.model import Net
     from influence_over_inference.study.training import TrainConfig
     from influence_over_inference.study.training import train as train_model
@@ -157,26 +155,90 @@ def small_net_pearson(settings_list: list[dict], threads: int = 1) -> dict:
     tx, ty = small_train.tensors()
     x, y = _test(data, cfg, cfg.small_n_test)
     tiny64, tx64, x64 = copy.deepcopy(tiny).double(), tx.double(), x.double()
-    n = len(ty)
-    ggn = explicit_ggn(tiny64, tx64)
-    g_test, g_train = grad_z(tiny64, x64, y), grad_z(tiny64, tx64, ty)
+    return SimpleNamespace(model=tiny64, tx=tx64, ty=ty, x=x64, y=y, weight_decay=tc.weight_decay,
+                           ggn=explicit_ggn(tiny64, tx64), g_test=grad_z(tiny64, x64, y), g_train=grad_z(tiny64, tx64, ty))
+
+
+def _exact_scores(small: SimpleNamespace, inverse: torch.Tensor) -> torch.Tensor:
+    """Influence scores (T, N) with the explicit inverse curvature ``inverse`` (P, P)."""
+    return small.g_test @ inverse @ small.g_train.T / len(small.ty)
+
+
+def small_net_pearson(settings_list: list[dict], threads: int = 1) -> dict:
+    """Pearson of the fast solver against exact influence (explicit damped GGN, float64) on the benchmark's
+    small net (:func:`_small_problem`), at each setting's own damping and at the notebook's 0.01.
+    ``settings_list``: FastSettings overrides."""
+    from engine_stages.small import _pearson_rows
+
+    from influence_over_inference.engine.scores import influence
+    from influence_over_inference.engine.solvers.registry import make_solver
+
+    small = _small_problem(threads)
+    ggn, eye = small.ggn, torch.eye(len(small.ggn), dtype=small.ggn.dtype)
     exact = {}
     rows = []
     for over in settings_list:
         settings = {k: v for k, v in over.items() if k != "solver"}  # {"solver": "ekfac", ...}: another solver
-        fast = make_solver(over.get("solver", "fast"), **settings).fit(tiny64, tx64, ty, weight_decay=tc.weight_decay)
+        fast = make_solver(over.get("solver", "fast"), **settings).fit(small.model, small.tx, small.ty,
+                                                                        weight_decay=small.weight_decay)
         row = {**over}
         for lam in sorted({over.get("damping", fast.settings.damping), 0.01}):
             if lam not in exact:
-                d = tc.weight_decay + lam
-                exact[lam] = torch.linalg.solve(ggn + d * torch.eye(len(ggn), dtype=ggn.dtype), g_test.T).T @ g_train.T / n
+                exact[lam] = _exact_scores(small, torch.linalg.inv(ggn + (small.weight_decay + lam) * eye))
             fast.settings.damping = lam
-            r = _pearson_rows(influence(tiny64, x64, y, (tx64, ty), fast), exact[lam])
+            r = _pearson_rows(influence(small.model, small.x, small.y, (small.tx, small.ty), fast), exact[lam])
             row[f"pearson_at_{lam}"], row[f"pearson_min_at_{lam}"] = float(r.mean()), float(r.min())
         rows.append(row)
         log.info("small net: %s", json.dumps(row))
-    return {"params": sum(p.numel() for p in tiny.parameters()), "n_train": n, "n_test": len(y),
-            "weight_decay": tc.weight_decay, "reference": "explicit damped GGN, float64", "rows": rows}
+    return {"params": sum(p.numel() for p in small.model.parameters()), "n_train": len(small.ty), "n_test": len(small.y),
+            "weight_decay": small.weight_decay, "reference": "explicit damped GGN, float64", "rows": rows}
+
+
+def small_net_hybrid_errors(damping: float = 0.01, threads: int = 1) -> dict:
+    """Where the hybrid's error on the small net comes from: its Pearson against exact influence with each
+    of its two approximations replaced by the exact GGN, as explicit (P, P) matrices (float64). Per fit,
+    the hybrid inverts ``diag(E + d on the span U, A compressed to the rest)``; the rows swap in
+    ``U^T (G + d) U`` for ``E + d`` (the span exact), the damped exact GGN for EK-FAC's ``A`` (the rest
+    exact), or both (what remains: the cross terms between the span and the rest that the hybrid drops);
+    and, apart, the inverse of the fits' mean low-rank curvature ``(mean_f U_f E_f U_f^T + d)^{-1}`` (the
+    fits cover all 2,000 images here; on the real CNN they cover 4,000 of 50,000, so it would be a
+    sampled GGN's inverse, as seed-dependent as CG on a sample)."""
+    from engine_stages.small import _pearson_rows
+
+    from influence_over_inference.engine.solvers.registry import make_solver
+
+    small = _small_problem(threads)
+    eye = torch.eye(len(small.ggn), dtype=small.ggn.dtype)
+    d = small.weight_decay + damping
+    g_inv = torch.linalg.inv(small.ggn + d * eye)
+    exact = _exact_scores(small, g_inv)
+    fast = make_solver("fast", damping=damping).fit(small.model, small.tx, small.ty, weight_decay=small.weight_decay)
+    a_inv = fast.rest_solver.inverse_hvp(eye)
+    a_inv = (a_inv + a_inv.T) / 2  # (P, P): the damped EK-FAC's inverse
+    fits, start = [], 0
+    for w in fast.widths:
+        fits.append((fast.eigenvectors[:, start : start + w], fast.eigenvalues[start : start + w]))
+        start += w
+
+    def pearson(inverse):
+        return float(_pearson_rows(_exact_scores(small, inverse), exact).mean())
+
+    def hybrid(span_exact: bool, rest_inverse: torch.Tensor) -> torch.Tensor:
+        total = 0.0
+        for u, e in fits:
+            on_span = torch.linalg.inv(u.T @ (small.ggn + d * eye) @ u) if span_exact else torch.diag(1 / (e + d))
+            au = rest_inverse @ u
+            total = total + u @ on_span @ u.T + rest_inverse - au @ torch.linalg.solve(u.T @ au, au.T)
+        return total / len(fits)
+
+    mean_curvature = sum(u @ torch.diag(e) @ u.T for u, e in fits) / len(fits)
+    rows = {"hybrid": pearson(hybrid(False, a_inv)), "hybrid_span_exact": pearson(hybrid(True, a_inv)),
+            "hybrid_rest_exact": pearson(hybrid(False, g_inv)), "hybrid_both_exact": pearson(hybrid(True, g_inv)),
+            "ekfac": pearson(a_inv), "inverse_of_mean_lowrank": pearson(torch.linalg.inv(mean_curvature + d * eye))}
+    log.info("small net, hybrid errors: %s", json.dumps(rows))
+    return {"params": len(eye), "n_train": len(small.ty), "n_test": len(small.y), "damping": damping,
+            "weight_decay": small.weight_decay, "threads": threads, "fast": fast.describe(),
+            "reference": "explicit damped GGN, float64", "pearson": rows}
 
 
 def with_default_key(section: dict) -> dict:
@@ -226,9 +288,17 @@ def main(argv=None):
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--section", default="cnn_sweep", help="the JSON section written (e.g. cnn_sweep_exact_eigh)")
     ap.add_argument("--small", default=None, help="only the small net: a JSON list of FastSettings overrides")
+    ap.add_argument("--small-errors", action="store_true", help="only the small net: where the hybrid's error comes from")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.small_errors:
+        out = Path(args.out)
+        doc = json.loads(out.read_text()) if out.exists() else {}
+        doc["small_net_hybrid_errors"] = {"command": f"python bench/fast_design_cnn.py --small-errors --threads {args.threads}",
+                                          **small_net_hybrid_errors(threads=args.threads)}
+        write_json_atomic(doc, out)
+        return
     if args.small is not None:
         out = Path(args.out)
         doc = json.loads(out.read_text()) if out.exists() else {}
