@@ -225,6 +225,8 @@ def test_a_new_default_is_a_new_scores_cache_entry():
 
     assert _solver_key("fast") != _solver_key("fast_v1")  # a new default is not served the old default's scores
     assert _solver_key("grad_dot") == ""
+    assert _solver_key("fast_ens5") == _solver_key("fast")  # an ensemble's scores move with the default too
+    assert _solver_key("fast_v1_ens5") == _solver_key("fast_v1")
 
 
 def test_trak_runs_on_the_cpu_for_one_model_and_an_ensemble(tmp_path):

@@ -79,9 +79,12 @@ def _method_scores(name, model, wd, train, x, y, work: Path, data=None, checkpoi
 
 
 def _solver_key(name: str) -> str:
-    """For our solvers' methods: a hash of the described settings (a new default is a new cache entry)."""
+    """For our solvers' methods, ensembles included: a hash of the described settings (a new default is a new
+    cache entry; ``fast_ens<k>`` takes the default's, ``fast_v1_ens<k>`` fast_v1's)."""
     from ..engine.solvers import make_solver
 
+    if name.startswith(("fast_ens", "fast_v1_ens")):
+        return "-" + settings_key(make_solver("fast", **OUR_FAST[name.split("_ens")[0]]).describe())
     if name not in OUR_SOLVERS:
         return ""
     solver, settings = OUR_SOLVERS[name]
