@@ -4,7 +4,8 @@ Two CPU processes are started with ``torch.multiprocessing.spawn`` and joined in
 process group; they score a tiny float64 model, sharding the curvature fit and the training
 examples, and rank 0 writes what it gathered. The same cases run in this (single) process, and
 scores, top-k and self-influence must agree to ``DIST_REL``: with an uneven split of the examples,
-with a rank that has none, for the exact and the fast solver (hooked and generic paths), and
+with a rank that has none, for the exact, fast (hooked and generic paths) and EK-FAC solvers (the fast
+solver's hooked cases fit EK-FAC too, for the rest of the space: sharded in both), and
 through the cached :class:`InfluenceEngine` (rank 0 alone writes the cache).
 """
 
@@ -35,6 +36,8 @@ CASES = {
     "fast_uneven": ("conv", "fast", {"damping": 0.05, "n_samples": 45, "chunk_size": 7}, 7),
     "fast_empty_rank": ("conv", "fast", {"damping": 0.05, "n_samples": 20, "chunk_size": 100}, 100),
     "fast_generic_path": ("layernorm_mlp", "fast", {"damping": 0.05, "n_samples": 30, "chunk_size": 8}, 11),
+    "ekfac_uneven": ("conv", "ekfac", {"damping": 0.05, "chunk_size": 7}, 7),
+    "ekfac_empty_rank": ("conv", "ekfac", {"damping": 0.05, "chunk_size": 100}, 100),
 }
 
 

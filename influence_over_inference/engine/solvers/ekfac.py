@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import all_reduce_sum, broadcast_from_main, is_main, shard_indices
 from ..hooks import (
     _capture_layers,
     _class_cotangents,
@@ -75,7 +76,9 @@ class EKFACSolver(InverseHVP):
     (every class, weighted) computes it. Exact (tested against the explicit damped GGN): for a
     single Linear layer and one training example (the block is then a Kronecker product).
     Two passes over the training images: the factors, then the eigenvalues in their eigenbasis.
-    Under ``torch.distributed`` every process fits on all images (no sharding).
+    Under ``torch.distributed`` (:mod:`..distributed`) each process takes its share of the chunks in
+    both passes and the sums are all-reduced (rank 0's eigenvectors are broadcast): the same chunks,
+    labels and numbers as one process, up to the order of summation.
     """
 
     name = "ekfac"
@@ -96,29 +99,34 @@ class EKFACSolver(InverseHVP):
         self.blocks = _layer_blocks(self.model, self.layers)
         uniforms = torch.rand(len(idx), generator=gen, dtype=torch.float64)  # one per image: its sampled label in both passes
 
-        def chunks(pos):  # (training indices, their uniforms) of the positions ``pos`` of idx, chunk by chunk
+        def chunks(pos):  # this rank's (training indices, their uniforms) of the positions ``pos`` of idx, chunk by chunk
+            pos = pos[shard_indices(len(pos), block=s.chunk_size)]  # whole chunks: the same chunks in any number of processes
             return [(idx[pos[i : i + s.chunk_size]], uniforms[pos[i : i + s.chunk_size]]) for i in range(0, len(pos), s.chunk_size)]
 
         pos = torch.arange(len(idx))  # the images of the factors: all, or a seeded subsample (their labels as drawn)
         if s.n_factor_samples is not None and s.n_factor_samples < len(idx):
             pos = torch.randperm(len(idx), generator=gen)[: s.n_factor_samples].sort().values
-        cov = {m: [0.0, 0.0] for m in self.blocks}
+        cov = {m: [torch.zeros(n, n, dtype=torch.float64, device=self.device) for n in _factor_sizes(module, flags)]
+               for m, (module, flags) in self.blocks.items()}
         for chunk, u in tqdm(chunks(pos), desc="EK-FAC: factors", unit="chunk", disable=not self.progress, leave=False):
             for m, (a, grads) in self._layer_pieces(chunk, u).items():
                 module, flags = self.blocks[m]
                 cov[m][0] = cov[m][0] + _input_cov(module, a, *flags)
                 cov[m][1] = cov[m][1] + sum(_sum_outer(_positions(g)) for g in grads)
         self.q_a, self.q_s = {}, {}
-        for m, (a_cov, s_cov) in cov.items():
-            self.q_a[m] = torch.linalg.eigh(a_cov)[1].to(self.dtype)
-            self.q_s[m] = torch.linalg.eigh(s_cov)[1].to(self.dtype)
+        for m, (a_cov, s_cov) in cov.items():  # summed over the ranks; rank 0's eigenvectors on every rank
+            q_a = q_s = None
+            a_cov, s_cov = all_reduce_sum(a_cov), all_reduce_sum(s_cov)
+            if is_main():
+                q_a, q_s = torch.linalg.eigh(a_cov)[1].to(self.dtype), torch.linalg.eigh(s_cov)[1].to(self.dtype)
+            self.q_a[m], self.q_s[m] = broadcast_from_main(q_a, q_s)
 
         lam = {m: torch.zeros(len(self.q_s[m]), len(self.q_a[m]), dtype=torch.float64, device=self.device) for m in self.blocks}
         for chunk, u in tqdm(chunks(torch.arange(len(idx))), desc="EK-FAC: eigenvalues", unit="chunk",
                              disable=not self.progress, leave=False):
             for m, (a, grads) in self._layer_pieces(chunk, u).items():
                 lam[m] += self._rotated_squares(m, a, grads)
-        self.eigenvalues = {m: (v / len(idx)).to(self.dtype) for m, v in lam.items()}
+        self.eigenvalues = {m: (all_reduce_sum(v) / len(idx)).to(self.dtype) for m, v in lam.items()}
 
     def _layer_pieces(self, chunk: torch.Tensor, uniforms: torch.Tensor) -> dict:
         """Per layer: its input and, per cotangent, the gradient at its output: ``{module: (a, [g, ...])}``.
@@ -226,6 +234,13 @@ def _layer_blocks(model: nn.Module, layers) -> dict[str, tuple[nn.Module, tuple[
         m, _, attr = name.rpartition(".")
         blocks.setdefault(m, [modules[m], [False, False]])[1][attr == "bias"] = True
     return {m: (mod, tuple(flags)) for m, (mod, flags) in blocks.items()}
+
+
+def _factor_sizes(module: nn.Module, flags: tuple[bool, bool]) -> tuple[int, int]:
+    """The sizes of a layer's two Kronecker factors: its matrix's columns (inputs, unfolded for a
+    convolution, and the bias's 1) and rows (outputs)."""
+    has_w, has_b = flags
+    return (module.weight[0].numel() if has_w else 0) + has_b, (module.weight if has_w else module.bias).shape[0]
 
 
 def _with_ones(a: torch.Tensor, has_w: bool, has_b: bool) -> torch.Tensor:
