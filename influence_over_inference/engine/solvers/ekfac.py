@@ -22,6 +22,7 @@ from ..hooks import (
     _hooks_supported,
     _label_cotangent,
     _module_sample_grads,
+    _zero_padded,
 )
 from ..params import select_parameters, unflatten_params
 from .base import InverseHVP, _check_common
@@ -273,10 +274,7 @@ def _patch_rows(module: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """A convolution's unfolded input patches as rows, ``(Cin kh kw, B T)``: the columns of ``unfold``'s
     ``(B, Cin kh kw, T)`` side by side, copied once from a strided view (faster than ``unfold`` and a
     batched product: one matrix product then gives the input factor)."""
-    ph, pw = module.padding
-    if ph or pw:
-        a = nn.functional.pad(a, (pw, pw, ph, ph))
-    a = a.contiguous()
+    a = _zero_padded(module, a).contiguous()
     b, cin, h, w = a.shape
     (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
     ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
