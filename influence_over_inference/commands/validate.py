@@ -50,6 +50,11 @@ def register(subparsers) -> None:
     p.add_argument("--compare-only", action="store_true",
                    help="lds only: score nothing; recompute the paired comparisons (ours against each method with as "
                         "many models) in --out from --arrays")
+    p.add_argument("--noise-ceiling", action="store_true",
+                   help="lds only: train each subset a second time with another seed (resumable; --worker and "
+                        "--retrain-only apply), then add the noise ceiling (how far any method can predict one "
+                        "retrained model) and each cached method's LDS against the replicates to --out; scores "
+                        "nothing new")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_validate)
 
@@ -80,6 +85,8 @@ def cmd_validate(args) -> int:
     torch.set_num_threads(args.threads)
     if args.compare_only and args.experiment != "lds":
         raise ValueError("--compare-only is for `validate lds`")
+    if args.noise_ceiling and args.experiment != "lds":
+        raise ValueError("--noise-ceiling is for `validate lds`")
     data = None if args.compare_only else load_cifar10(args.data, root=args.data_root)  # it compares stored results only
     from ..experiments.flipped import FlippedConfig
 
@@ -140,6 +147,8 @@ def _cmd_lds(args, data) -> int:
         return 0
     config = LDSConfig(**_overrides(args.set))
     worker, workers = (int(v) for v in args.worker.split("/"))
+    if args.noise_ceiling:
+        return _cmd_lds_ceiling(args, data, config, worker, workers, out, arrays)
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
     previous = previous_run(out, arrays, config, data.source, test_idx)  # read once, handed to run_lds
     stored = previous is not None
@@ -160,6 +169,26 @@ def _cmd_lds(args, data) -> int:
         print(f"  {name}: margin {m['lds_margin']:.4f} [{m['lds_margin_ci'][0]:.4f}, {m['lds_margin_ci'][1]:.4f}], "  # noqa: T201
               f"loss {m['lds_loss']:.4f}, subset ({r['n_test_subset']} images) {m['lds_margin_subset']:.4f}")
     _print_paired(r)
+    print(f"results: {out}")  # noqa: T201 (CLI output)
+    return 0
+
+
+def _cmd_lds_ceiling(args, data, config, worker: int, workers: int, out, arrays) -> int:
+    from ..experiments.lds import retrain_subsets
+    from ..experiments.lds_ceiling import run_ceiling
+
+    retrain_subsets(data, config, progress=not args.no_progress, worker=worker, workers=workers, replicate=1)
+    if args.retrain_only:
+        print(f"worker {worker}/{workers}: replicate models done")  # noqa: T201 (CLI output)
+        return 0
+    c = run_ceiling(data, config, out=out, arrays=arrays)["noise_ceiling"]
+    print(f"noise ceiling over {config.n_subsets} subsets trained twice, {c['n_test']} test images:")  # noqa: T201
+    print(f"  test-retest Spearman of the margin {c['retest']:.4f} [{c['retest_ci'][0]:.4f}, {c['retest_ci'][1]:.4f}]; "  # noqa: T201
+          f"ceiling against one model {c['ceiling_one']:.4f}, against the mean of two {c['ceiling_mean2']:.4f}")
+    for name, m in c["methods"].items():
+        print(f"  {name}: LDS margin {m['lds_margin_original']:.4f} (original), {m['lds_margin_replicate']:.4f} "  # noqa: T201
+              f"(replicate), {m['lds_margin_mean2']:.4f} (mean of both; predicted {m['predicted_mean2']:.4f}) "
+              f"on {m['n_test']} images")
     print(f"results: {out}")  # noqa: T201 (CLI output)
     return 0
 

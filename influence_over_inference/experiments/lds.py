@@ -110,26 +110,34 @@ def model_key(data_source: str, config: LDSConfig) -> str:
     return settings_key({"data_source": data_source, "alpha": config.alpha, "recipe": recipe})
 
 
-def model_path(cache_dir: str | os.PathLike, key: str, seed: int) -> Path:
-    return Path(cache_dir) / f"subset-{key}-seed{seed}.pt"
+REPLICATE_SEED_STEP = 1_000_000  # replicate r of subset k trains with seed subset_seed + k + r * this step
+
+
+def model_path(cache_dir: str | os.PathLike, key: str, seed: int, replicate: int = 0) -> Path:
+    """Subset model of subset seed ``seed``; ``replicate`` r > 0: the same subset trained with another seed."""
+    return Path(cache_dir) / f"subset-{key}-seed{seed}{f'-rep{replicate}' if replicate else ''}.pt"
 
 
 def train_subset(data, config: LDSConfig, k: int, cache_dir: str | os.PathLike = LDS_DIR, progress: bool = True,
-                 train_fn=None) -> dict:
+                 train_fn=None, replicate: int = 0) -> dict:
     """Subset ``k``'s model and its test logits (cached): ``{"state_dict", "test_logits", "seconds", ...}``.
 
     Trained on ``subset_mask(n, alpha, subset_seed + k)`` with the recipe, seeded by that same seed;
+    ``replicate`` r > 0 trains on the same subset with the seed ``subset_seed + k + r *
+    REPLICATE_SEED_STEP`` (another initialisation and batch order: :mod:`.lds_ceiling`).
     ``train_fn`` (tests) replaces :func:`~..study.training.train`.
     """
     from ..study.training import train
     from .retraining import subset_split
 
+    if replicate < 0:
+        raise ValueError(f"replicate must be >= 0, got {replicate}")
     seed = config.subset_seed + k
-    path = model_path(cache_dir, model_key(data.source, config), seed)
+    path = model_path(cache_dir, model_key(data.source, config), seed, replicate)
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
     mask = subset_mask(len(data.train), config.alpha, seed)
-    recipe = TrainConfig(**{**asdict(config.recipe), "seed": seed})
+    recipe = TrainConfig(**{**asdict(config.recipe), "seed": seed + replicate * REPLICATE_SEED_STEP})
     start = time.perf_counter()
     result = (train_fn or train)(subset_split(data.train, torch.from_numpy(np.flatnonzero(mask))), recipe,
                                  progress=progress)
@@ -138,39 +146,43 @@ def train_subset(data, config: LDSConfig, k: int, cache_dir: str | os.PathLike =
         x, y = data.test.tensors()
         logits = torch.cat([model(x[i : i + 2000]) for i in range(0, len(y), 2000)])  # (10000, 10)
     blob = {"state_dict": {k_: v.detach().cpu() for k_, v in model.state_dict().items()},
-            "test_logits": logits.float(), "seed": seed, "n_train": int(mask.sum()),
+            "test_logits": logits.float(), "seed": seed, "train_seed": recipe.seed, "n_train": int(mask.sum()),
             "seconds": time.perf_counter() - start,
             "test_accuracy": float((logits.argmax(1) == y).float().mean())}
     atomic_torch_save(blob, path)
-    log.info("subset %d (seed %d): test accuracy %.4f, %.0f s", k, seed, blob["test_accuracy"], blob["seconds"])
+    log.info("subset %d (seed %d, replicate %d): test accuracy %.4f, %.0f s", k, seed, replicate,
+             blob["test_accuracy"], blob["seconds"])
     return blob
 
 
 def retrain_subsets(data, config: LDSConfig, cache_dir: str | os.PathLike = LDS_DIR, progress: bool = True,
-                    worker: int = 0, workers: int = 1, train_fn=None) -> list[int]:
+                    worker: int = 0, workers: int = 1, train_fn=None, replicate: int = 0) -> list[int]:
     """Train (or find cached) the models of subsets ``worker, worker + workers, ...``; returns those done.
 
     Resumable: models already on disk are skipped, so a killed run restarts with the model it was
     training. Parallel workers (same config, same cache) share the work without overlap.
+    ``replicate``: as for :func:`train_subset`.
     """
     from tqdm.auto import tqdm
 
     mine = list(range(worker, config.n_subsets, workers))
-    for k in tqdm(mine, desc=f"LDS subsets (worker {worker}/{workers})", disable=not progress):
-        train_subset(data, config, k, cache_dir, progress=progress, train_fn=train_fn)
+    desc = f"LDS subsets{f' (replicate {replicate})' if replicate else ''} (worker {worker}/{workers})"
+    for k in tqdm(mine, desc=desc, disable=not progress):
+        train_subset(data, config, k, cache_dir, progress=progress, train_fn=train_fn, replicate=replicate)
     return mine
 
 
-def load_outputs(data, config: LDSConfig, test_indices: np.ndarray, cache_dir: str | os.PathLike = LDS_DIR
-                 ) -> dict:
+def load_outputs(data, config: LDSConfig, test_indices: np.ndarray, cache_dir: str | os.PathLike = LDS_DIR,
+                 replicate: int = 0) -> dict:
     """Margins and losses (n_done, n_test) of the subset models already trained, with their subset indices.
 
     Missing models are skipped (the LDS then uses the subsets done so far, and says how many).
+    ``replicate``: as for :func:`train_subset`.
     """
     key = model_key(data.source, config)
     done, logits, seconds, acc = [], [], [], []
     for k in range(config.n_subsets):
-        path = model_path(cache_dir, key, config.subset_seed + k)
+        path = model_path(cache_dir, key, config.subset_seed + k, replicate)
         if not path.exists():
             continue
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -229,5 +241,6 @@ def previous_run(out: str | os.PathLike, arrays: str | os.PathLike, config: LDSC
     if outputs is None:
         return None
     with np.load(arrays, allow_pickle=False) as blob:
-        per_test = {k: blob[k] for k in blob.files if k.endswith(("_margin", "_loss"))}
-    return result, {"outputs": outputs, "per_test": per_test}
+        per_test = {k: blob[k] for k in blob.files if k.endswith(("_margin", "_loss")) and not k.startswith("ceiling_")}
+        ceiling = {k: blob[k] for k in blob.files if k.startswith("ceiling_")}  # .lds_ceiling's, kept as they are
+    return result, {"outputs": outputs, "per_test": per_test, "ceiling": ceiling}

@@ -91,6 +91,17 @@ def _solver_key(name: str) -> str:
     return "-" + settings_key(make_solver(solver, **settings).describe())
 
 
+def scores_key(checkpoint_sha: str, data_source: str, test_idx: np.ndarray) -> str:
+    """The part of a scores cache name shared by all methods of one run: checkpoint, data, test images."""
+    return settings_key({"checkpoint": checkpoint_sha, "data_source": data_source, "test": test_idx.tolist()})
+
+
+def scores_path(work: Path, name: str, key: str, sub_pos: np.ndarray) -> Path:
+    """Where method ``name``'s scores are cached; the slow methods' are of the ``sub_pos`` test images only."""
+    subset = "-subset" + settings_key(sub_pos.tolist()) if name in SLOW_METHODS else ""
+    return Path(work) / f"{name}-{key}{_solver_key(name)}{subset}.npz"
+
+
 def total_minutes(result: dict) -> float:
     """Compute minutes of the whole experiment: the subset models' training plus every method's scoring
     (a method that reuses another's scores, ``same_as``, counts once)."""
@@ -194,24 +205,25 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
     x, y = data.test.tensors(test_idx)
     work = Path(cache_dir) / "scores"
     checkpoint_sha = file_sha256(checkpoint)
-    key = settings_key({"checkpoint": checkpoint_sha, "data_source": data.source,
-                        "test": test_idx.tolist()})
+    key = scores_key(checkpoint_sha, data.source, test_idx)
     result = {"n_subsets": int(len(done)), "n_subsets_planned": config.n_subsets, "n_test": int(len(test_idx)),
               "n_test_subset": int(len(sub_pos)), "alpha": config.alpha, "data_source": data.source,
               "checkpoint": str(checkpoint), "default_solver": "fast",
               "subset_model_test_accuracy_mean": float(outputs["test_accuracy"].mean()),
               "subset_model_minutes_mean": float(outputs["seconds"].mean() / 60),
               "config": asdict(config), "methods": {}}
-    per_test, per_test_scores = {}, {}
+    per_test, per_test_scores, ceiling = {}, {}, {}
     if previous is not None:  # extend the earlier run: its fields and other methods as they were
         result, per_test = previous[0], dict(previous[1]["per_test"])
         result["methods"] = dict(result.get("methods", {}))
+        ceiling = previous[1].get("ceiling", {})  # the noise ceiling's arrays (.lds_ceiling)
     result["checkpoint_sha256"] = checkpoint_sha
     for name in methods:
         slow = name in SLOW_METHODS
         pos = sub_pos if slow else np.arange(len(test_idx))
-        path = work / f"{name}-{key}{_solver_key(name)}{'-subset' + settings_key(pos.tolist()) if slow else ''}.npz"
+        path = scores_path(work, name, key, sub_pos)
         same_as_fast = name == "fast_v1" and _fast_is_v1() and "fast" in per_test_scores
+        fresh = not path.exists()
         if same_as_fast:  # today's default is v1: the same scores, not computed twice
             scores, seconds, described = per_test_scores["fast"], result["methods"]["fast"]["seconds"], {"same_as": "fast"}
         elif not path.exists() and cached_only:
@@ -249,11 +261,15 @@ def run_lds(data, checkpoint: str | os.PathLike, config: LDSConfig | None = None
                         "computed": True, "checkpoint_sha256": checkpoint_sha})
         result["methods"][name] = summary
         per_test[f"{name}_margin"], per_test[f"{name}_loss"] = per_m.astype(np.float32), per_l.astype(np.float32)
+        if fresh:  # new scores: the noise ceiling's rows of this method (.lds_ceiling) are stale
+            result.get("noise_ceiling", {}).get("methods", {}).pop(name, None)
+            for k in (f"ceiling_{name}_vs_replicate", f"ceiling_{name}_vs_mean2"):
+                ceiling.pop(k, None)
         result["minutes"] = total_minutes(result)
         write_json_atomic(result, out)
         save_npz_atomic(arrays, test_indices=test_idx, subset_positions=sub_pos, subsets=done,
                         margins=outputs["margins"].astype(np.float32), losses=outputs["losses"].astype(np.float32),
-                        **per_test)
+                        **per_test, **ceiling)
         log.info("%s: LDS margin %.4f %s, loss %.4f", name, summary["lds_margin"], summary["lds_margin_ci"],
                  summary["lds_loss"])
     result["minutes"] = total_minutes(result)
