@@ -81,3 +81,19 @@ def test_paired_differences_and_another_checkpoint_are_put_in_words(tmp_path):
     same = {**lds, "checkpoint_sha256": file_sha256(model)[:16]}
     assert not any("another training" in w for w in trust.trust_sentences(same, engine, checkpoint=model))
     assert not any("another training" in w for w in trust.trust_sentences(lds, engine))  # no model named: nothing to compare
+
+
+def test_the_noise_ceiling_is_drawn_and_put_in_words():
+    """validate lds --noise-ceiling: a dashed line at the ceiling, and how much of it the default and our best
+    ensemble reach; without it, neither."""
+    lds = {**LDS, "methods": {**LDS["methods"], "fast_ens10": {"n_models": 10, "lds_margin": 0.2}},
+           "noise_ceiling": {"retest": 0.16, "ceiling_one": 0.4, "ceiling_mean2": 0.52}}
+    assert trust.noise_ceiling(lds) == (0.16, 0.4, 0.52) and trust.noise_ceiling(LDS) is None
+    words = trust.trust_sentences(lds, trust.load_stability("/nonexistent/engine.json"))
+    line = next(w for w in words if "noise ceiling" in w)
+    assert "Spearman 0.16" in line and "exceed about 0.40" in line
+    assert "the default reaches 30% of it, fast_ens10 (10 models) 50%." in line
+    ax = trust.plot_lds(lds).axes[0]
+    assert [round(x, 6) for line_ in ax.get_lines() for x in line_.get_xdata()][-2:] == [0.4, 0.4]
+    assert not any("noise ceiling" in w for w in trust.trust_sentences(LDS, trust.load_stability("/x/engine.json")))
+    assert trust.plot_lds(LDS).axes[0].get_legend() is None

@@ -151,6 +151,11 @@ def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> F
     names = [f"{name}" + (f" ({n} models)" if n and n > 1 else "") + (" [default]" if name == default else "")
              + (" [earlier checkpoint]" if name in earlier else "") for name, _, _, n in rows]
     draw_lds_bars(ax, rows, default, names)
+    ceiling = noise_ceiling(lds)
+    if ceiling is not None:
+        ax.axvline(ceiling[1], color="#cf222e", linestyle="--", linewidth=1.2,
+                   label=f"noise ceiling {ceiling[1]:.2f}: the most any method can reach against one retrained model")
+        ax.legend(loc="lower right", fontsize=8)
     what = "margin" if key == "lds_margin" else "loss"
     ax.set_xlabel(f"LDS ({what}): Spearman, across retrained subsets, of predicted vs actual")
     ax.set_title(f"Does influence predict retraining? {lds.get('n_subsets', '?')} random halves, "
@@ -180,6 +185,31 @@ def plot_stability(engine: Mapping, ax: Axes | None = None) -> Figure:
     ax.set_ylabel("agreement (dashed: goal)")
     ax.set_title("The default solver: stable across curvature samples? faithful to the exact answer?", fontsize=11)
     return fig
+
+
+def noise_ceiling(lds: Mapping) -> tuple[float, float, float | None] | None:
+    """``(test-retest Spearman, ceiling against one model, against the mean of two)`` from ``lds["noise_ceiling"]``
+    (``validate lds --noise-ceiling``, :mod:`..experiments.lds_ceiling`), or None where it was not measured."""
+    c = lds.get("noise_ceiling") if isinstance(lds, Mapping) else None
+    if not isinstance(c, Mapping) or _number(c.get("retest")) is None or _number(c.get("ceiling_one")) is None:
+        return None
+    return float(c["retest"]), float(c["ceiling_one"]), _number(c.get("ceiling_mean2"))
+
+
+def _ceiling_sentence(lds: Mapping, rows: Mapping, default: str) -> str:
+    """The noise ceiling in words, with how much of it the default and the best of our ensembles reach; "" if absent."""
+    ceiling = noise_ceiling(lds)
+    if ceiling is None:
+        return ""
+    r, one, _ = ceiling
+    line = (f"How high could an LDS be? Trained twice on the same halves with different seeds, the subset models' "
+            f"margins agree at Spearman {r:.2f} only, so no attribution method can exceed about {one:.2f} against one "
+            f"retrained model (the noise ceiling); the default reaches {rows[default][0] / one:.0%} of it")
+    ours = [k for k in rows if k.startswith("fast_ens") and k not in _earlier_checkpoint(lds)]
+    if ours:
+        best = max(ours, key=lambda k: rows[k][0])
+        line += f", {best} ({rows[best][2]} models) {rows[best][0] / one:.0%}"
+    return line + "."
 
 
 def trust_figures(lds, engine) -> list[Figure]:
@@ -248,6 +278,9 @@ def trust_sentences(lds, engine, checkpoint: str | os.PathLike | None = None) ->
         top = max(ensembles, key=lambda k: rows[k][0])
         line += f"; averaged over {rows[top][2]} trained models, {top} reaches {rows[top][0]:.2f}"
     out.append(line + ".")
+    ceiling = _ceiling_sentence(lds, rows, default)
+    if ceiling:
+        out.append(ceiling)
     for ours, rivals in (lds.get("paired") or {}).items():  # our ensembles against TRAK over the same models
         for rival in rivals:
             versus = _paired(lds, ours, rival)
