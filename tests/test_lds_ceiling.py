@@ -53,6 +53,21 @@ def test_an_oracle_reaches_the_ceiling_and_the_mean_of_two_runs_raises_it():
     assert out["lds_margin_mean2"] == pytest.approx(oracle_two)
     assert out["predicted_mean2"] == pytest.approx(out["lds_margin_mean2"], abs=CEILING_TOL)
     assert set(per_test) == {"original", "replicate", "mean2"}
+    assert -1 <= out["spearman_with_retest"] <= 1
+
+
+def test_the_test_images_with_less_noisy_outputs_get_the_higher_lds():
+    rng = np.random.default_rng(2)
+    masks = rng.random((200, 300)) < 0.5
+    scores = rng.normal(size=(100, 300))
+    signal = masks @ scores.T
+    signal = (signal - signal.mean(0)) / signal.std(0)
+    noise = np.linspace(0.2, 3.0, 100)  # per test point
+    first, second = (signal + noise * rng.normal(size=signal.shape) for _ in range(2))
+    _, r = retest_reliability(first, second, n_boot=10)
+    out, _ = method_against_replicates(scores, masks, {"margins": first, "losses": first},
+                                       {"margins": second, "losses": second}, np.arange(100), r, n_boot=10)
+    assert out["spearman_with_retest"] > 0.8  # measured 0.94
 
 
 def test_runs_that_agree_fully_have_ceiling_one_and_shapes_are_checked():

@@ -31,6 +31,7 @@ from ..engine.io import save_npz_atomic, write_json_atomic
 from .lds import LDS_DIR, LDSConfig, balanced_test_indices, load_outputs, previous_run, subset_masks
 from .lds_run import ARRAYS_PATH, RESULT_PATH, scores_key, scores_path
 from .lds_score import bootstrap_ci, lds_summary, rowwise_spearman
+from .metrics import spearman
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def method_against_replicates(scores: np.ndarray, masks: np.ndarray, first: dict
 
     ``first``/``second``: ``{"margins", "losses"}`` (S, T) of the two runs. Returns the summary and
     the per-test LDS arrays. ``predicted_mean2`` is what the noise model of the module docstring
-    predicts for the mean of two runs from the LDS against each run alone.
+    predicts for the mean of two runs from the LDS against each run alone; ``spearman_with_retest``
+    ranks the test images by their LDS and by their test-retest reliability.
     """
     out, per_test = {}, {}
     targets = {"original": first["margins"], "replicate": second["margins"],
@@ -73,6 +75,9 @@ def method_against_replicates(scores: np.ndarray, masks: np.ndarray, first: dict
     factor = np.sqrt(2 / (1 + np.clip(retest[pos], 0.0, 1.0)))
     predicted = factor * (per_test["original"] + per_test["replicate"]) / 2
     out["predicted_mean2"] = float(np.nanmean(predicted))
+    both = np.isfinite(per_test["original"]) & np.isfinite(retest[pos])
+    # do the test images with the less noisy outputs get the higher LDS? (Spearman across test images)
+    out["spearman_with_retest"] = spearman(per_test["original"][both], retest[pos][both]) if both.sum() > 2 else float("nan")
     out["n_test"] = int(len(pos))
     return out, per_test
 
