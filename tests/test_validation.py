@@ -281,8 +281,25 @@ def test_experiments_run_end_to_end_cache_and_summarize(tmp_path):
                                                                    "self_influence_last_layer", "gradient_norm",
                                                                    "self_influence_relatif", "curvature_ratio"}
     assert flip["settings"]["solver_described"]["rank"] == 20  # the resolved settings are recorded
+    agree = flip["spearman_with_self_influence"]
+    assert set(agree) == {"training_loss", "self_influence_last_layer", "gradient_norm", "self_influence_relatif",
+                          "curvature_ratio"} and all(-1 <= v <= 1 for v in agree.values())
+    from influence_over_inference.experiments.metrics import spearman
+
+    scores = np.load(next(tmp_path.glob("flipped-curves-*.npz")))
+    assert agree["gradient_norm"] == pytest.approx(spearman(scores["score_gradient_norm"], scores["score_self_influence"]))
+    cached = run_flipped(data, FlippedConfig(n_per_class=4, epochs=1, solver_settings={"damping": 0.01, **fast}),
+                         cache_dir=tmp_path, progress=False)
+    assert cached["spearman_with_self_influence"] == pytest.approx(agree)
+    entry = next(tmp_path.glob("flipped-result-*.json"))  # an entry written before the field: from the kept scores
+    entry.write_text(json.dumps({k: v for k, v in json.loads(entry.read_text()).items()
+                                 if k != "spearman_with_self_influence"}))
+    older = run_flipped(data, FlippedConfig(n_per_class=4, epochs=1, solver_settings={"damping": 0.01, **fast}),
+                        cache_dir=tmp_path, progress=False)
+    assert older["spearman_with_self_influence"] == pytest.approx(agree)
     summary = summarize({"loo_network": net, "sign": sign, "flipped": flip}, tmp_path / "v.json", tmp_path / "v.npz")
     assert set(summary["flipped_variants"]) == {"gradient_norm", "self_influence_relatif", "curvature_ratio"}
+    assert summary["flipped_spearman_with_self_influence"] == pytest.approx(agree)
     for key in ("loo_network_pearson", "loo_network_spearman", "flipped_found_at_10", "flipped_found_at_20",
                 "flipped_auc", "loss_found_at_20", "sign_harmful_removed_delta", "sign_helpful_removed_delta",
                 "minutes", "data_source", "n_train"):

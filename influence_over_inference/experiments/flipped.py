@@ -153,6 +153,14 @@ def self_influence_variants(model, split, solver, n: int, chunk_size: int = 500,
     return out
 
 
+def rank_agreement(rankings: dict[str, np.ndarray]) -> dict[str, float]:
+    """Spearman of each ranking with self-influence over all training images: which scores rank alike."""
+    from .metrics import spearman
+
+    base = rankings["self_influence"]
+    return {name: spearman(score, base) for name, score in rankings.items() if name not in ("self_influence", "random")}
+
+
 def detection_metrics(rankings: dict[str, np.ndarray], flipped: np.ndarray) -> dict:
     """Per ranking: fraction found at 10% and 20% checked, ROC-AUC, and the curve."""
     out = {}
@@ -183,6 +191,9 @@ def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.P
     if done is not None and curves_path.exists():
         arrays = np.load(curves_path)
         done["curves"] = {name: (arrays[f"{name}_checked"], arrays[f"{name}_found"]) for name in done["metrics"]}
+        if "spearman_with_self_influence" not in done and "score_self_influence" in arrays.files:  # an older entry
+            done["spearman_with_self_influence"] = rank_agreement(
+                {k.removeprefix("score_"): arrays[k] for k in arrays.files if k.startswith("score_")})
         return done
     start = time.perf_counter()
     split = data.train
@@ -249,7 +260,7 @@ def run_flipped(data, config: FlippedConfig | None = None, cache_dir: str | os.P
               "n_flipped": int(flipped.sum()), "test_accuracy": meta.get("test_accuracy"),
               "train_accuracy": float(fits.mean()),  # on the labels trained on (flipped ones included)
               "flipped_memorised": float(fits[flipped_np].mean()),  # flipped images predicted as their wrong label
-              "metrics": metrics,
+              "metrics": metrics, "spearman_with_self_influence": rank_agreement(rankings),
               # train + self-influence as first computed, plus this run's ranking and metrics
               "minutes": train_minutes + self_minutes + (time.perf_counter() - t_rest) / 60,
               "timings": {"train_minutes": train_minutes, "self_influence_minutes": self_minutes}}

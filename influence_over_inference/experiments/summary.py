@@ -86,6 +86,8 @@ def summarize(results: dict, summary_path: str | os.PathLike = SUMMARY_PATH,
             summary[f"{prefix}flipped_variants"] = variants
         summary[f"{prefix}flipped_details"] = {k: r[k] for k in ("n_flipped", "test_accuracy", "train_accuracy",
                                                                  "flipped_memorised", "timings")}
+        if "spearman_with_self_influence" in r:  # which rankings order the images as self-influence does
+            summary[f"{prefix}flipped_spearman_with_self_influence"] = r["spearman_with_self_influence"]
         summary["minutes"][key] = r["minutes"]
         summary["n_train"][key] = r["settings"]["n_train"]
         summary["settings"][key] = r["settings"]
