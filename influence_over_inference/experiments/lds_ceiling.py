@@ -7,7 +7,8 @@ a second time (a *replicate*, :func:`.lds.train_subset` with ``replicate=1``) an
 take the Spearman correlation across the subsets between the two runs' outputs: the test-retest
 reliability ``r``. If an output is a function of the subset plus independent noise, the best any
 method can reach against one run is ``sqrt(r)`` (Pearson; Spearman approximately), and against
-the mean of the two runs ``sqrt(2r / (1 + r))`` (Spearman-Brown), the noise halved. Each method
+the mean of the two runs ``sqrt(2r / (1 + r))`` (Spearman-Brown), the noise halved
+(:func:`retest_reliability`). Each method
 already scored (cached under ``data/lds/scores``) is also scored against the replicate alone (the
 LDS measured on new ground truth) and against the mean of both runs; the noise model predicts the
 latter from the former by the factor ``sqrt(2 / (1 + r))``, which the run checks.
@@ -39,19 +40,29 @@ log = logging.getLogger(__name__)
 def retest_reliability(first: np.ndarray, second: np.ndarray, n_boot: int = 1000) -> tuple[dict, np.ndarray]:
     """Two runs' outputs (S, T) on the same subsets -> the summary and the per-test Spearman (T,) across subsets.
 
-    Summary: ``retest`` (mean r) with its interval, ``ceiling_one`` (mean ``sqrt(max(r, 0))``, the
-    most an attribution can reach against one run) and ``ceiling_mean2`` (against the mean of two
-    runs), each with an interval over test images.
+    Summary: ``retest`` (the mean of r over test images) with its interval, ``ceiling_one``
+    (``sqrt(retest)``, the most an attribution can reach against one run) and ``ceiling_mean2``
+    (``sqrt(2 retest / (1 + retest))``, against the mean of two runs), their intervals the same
+    functions of ``retest_ci``. The ceilings are taken of the mean, not averaged per test image: the
+    per-image r of 50 subsets is noisy (standard error ~0.14), and both functions are concave, so
+    by Jensen's inequality these are upper bounds of the per-image ceilings' mean, which bounds the
+    LDS (a mean over test images).
     """
     first, second = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
     if first.shape != second.shape or first.ndim != 2:
         raise ValueError(f"need two (S, T) output arrays of one shape, got {first.shape} and {second.shape}")
     r = rowwise_spearman(first.T, second.T)  # (T,)
-    clipped = np.clip(r, 0.0, 1.0)
-    one, two = np.sqrt(clipped), np.sqrt(2 * clipped / (1 + clipped))
-    summary = {"retest": float(np.nanmean(r)), "retest_ci": bootstrap_ci(r, n_boot),
-               "ceiling_one": float(np.nanmean(one)), "ceiling_one_ci": bootstrap_ci(one, n_boot),
-               "ceiling_mean2": float(np.nanmean(two)), "ceiling_mean2_ci": bootstrap_ci(two, n_boot),
+    mean, ci = float(np.nanmean(r)), bootstrap_ci(r, n_boot)
+
+    def one(x):
+        return float(np.sqrt(np.clip(x, 0.0, 1.0)))
+
+    def two(x):
+        x = np.clip(x, 0.0, 1.0)
+        return float(np.sqrt(2 * x / (1 + x)))
+
+    summary = {"retest": mean, "retest_ci": ci, "ceiling_one": one(mean), "ceiling_one_ci": (one(ci[0]), one(ci[1])),
+               "ceiling_mean2": two(mean), "ceiling_mean2_ci": (two(ci[0]), two(ci[1])),
                "n_test": int(np.isfinite(r).sum())}
     return summary, r
 
