@@ -154,8 +154,8 @@ def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> F
     ceiling = noise_ceiling(lds)
     if ceiling is not None:
         ax.axvline(ceiling[1], color="#cf222e", linestyle="--", linewidth=1.2,
-                   label=f"noise ceiling {ceiling[1]:.2f}: the most any method can reach against one retrained model")
-        ax.legend(loc="lower right", fontsize=8)
+                   label=f"noise ceiling {ceiling[1]:.2f}:\nno method can\npass it here")
+        ax.legend(loc="center right", fontsize=8)
     what = "margin" if key == "lds_margin" else "loss"
     ax.set_xlabel(f"LDS ({what}): Spearman, across retrained subsets, of predicted vs actual")
     ax.set_title(f"Does influence predict retraining? {lds.get('n_subsets', '?')} random halves, "
