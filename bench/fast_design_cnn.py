@@ -216,10 +216,7 @@ def small_net_hybrid_errors(damping: float = 0.01, threads: int = 1) -> dict:
     fast = make_solver("fast", damping=damping).fit(small.model, small.tx, small.ty, weight_decay=small.weight_decay)
     a_inv = fast.rest_solver.inverse_hvp(eye)
     a_inv = (a_inv + a_inv.T) / 2  # (P, P): the damped EK-FAC's inverse
-    fits, start = [], 0
-    for w in fast.widths:
-        fits.append((fast.eigenvectors[:, start : start + w], fast.eigenvalues[start : start + w]))
-        start += w
+    fits = fast.fits()
 
     def pearson(inverse):
         return float(_pearson_rows(_exact_scores(small, inverse), exact).mean())

@@ -214,6 +214,9 @@ def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(sma
     assert fast.n_fits == 3
     assert torch.equal(fast.eigenvalues, torch.cat([e for e, _ in made]))
     assert torch.equal(fast.eigenvectors, torch.cat([u for _, u in made]).T) and fast.basis().is_contiguous()
+    fits = fast.fits()  # each fit's own columns back, in fit order
+    assert [u.shape[1] for u, _ in fits] == [1, 3, 1]
+    assert all(torch.equal(u, rows.T) and torch.equal(e, e0) for (u, e), (e0, rows) in zip(fits, made, strict=True))
 
 
 def test_fast_basis_sums_the_classes_of_each_samples_outer_rows_before_the_products():

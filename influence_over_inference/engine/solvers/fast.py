@@ -267,6 +267,15 @@ class FastSolver(InverseHVP):
         return {name: (kind, *(torch.cat([c[name][1 + i] for c in chunks]) for i in range(len(ts))))
                 for name, (kind, *ts) in chunks[0].items()}
 
+    def fits(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each fit's basis and eigenvalues, ``[(U_f (P, r_f), e_f (r_f,)), ...]``: views of ``eigenvectors`` and
+        ``eigenvalues``, whose columns are the fits' side by side (``widths`` of them each)."""
+        out, start = [], 0
+        for width in self.widths:
+            out.append((self.eigenvectors[:, start : start + width], self.eigenvalues[start : start + width]))
+            start += width
+        return out
+
     def _weights(self) -> torch.Tensor:
         """Per basis column: ``(1/(e + d) - 1/d) / n_fits``, the average inverse's correction to ``I/d``."""
         d = self.total_damping
@@ -293,10 +302,9 @@ class FastSolver(InverseHVP):
         rest = self.rest_solver
         if rest.settings.damping != self.settings.damping or self._rest_m is None:  # again after a damping change
             rest.settings.damping = self.settings.damping
-            self._rest_m, start = [], 0
-            for width in self.widths:
-                m = rest.inverse_gram(self.eigenvectors[:, start : start + width].T).double()  # U^T A^{-1} U (r, r)
-                start += width
+            self._rest_m = []
+            for u, _ in self.fits():
+                m = rest.inverse_gram(u.T).double()  # U^T A^{-1} U (r, r)
                 self._rest_m.append(torch.linalg.cholesky((m + m.T) / 2))
         return rest, self._rest_m
 
