@@ -22,6 +22,32 @@ class PicklePayload:
         return (os.mkdir, (self.marker,))
 
 
+class FakeSplit:
+    """A split of ``n`` random 32x32 uint8 images with labels ``i % 10``, as the LDS experiments read one."""
+
+    def __init__(self, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen)
+        self.labels = torch.arange(n) % 10
+        self.names = [f"{i}.png" for i in range(n)]
+
+    def __len__(self):
+        return len(self.labels)
+
+    def tensors(self, indices=None):
+        from influence_over_inference.study.data import normalize_uint8
+
+        x, y = normalize_uint8(self.images), self.labels.clone()
+        return (x, y) if indices is None else (x[torch.as_tensor(indices)], y[torch.as_tensor(indices)])
+
+
+class FakeData:
+    """40 training and 20 test images (:class:`FakeSplit`), source "fake"."""
+
+    def __init__(self):
+        self.train, self.test, self.source = FakeSplit(40, 0), FakeSplit(20, 1), "fake"
+
+
 def make_image_folder(root, n_train_per_class=3, n_test_per_class=2, seed=0, suffix=".png"):
     """Write train/<class>/*.png and test/<class>/*.png with random 32x32 RGB images; return the pixels."""
     rng = np.random.default_rng(seed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import FakeData
 
 from influence_over_inference.experiments.lds import (
     LDSConfig,
@@ -91,27 +92,6 @@ def test_exact_influence_has_high_lds_on_a_convex_problem_and_random_is_near_zer
     assert abs(np.nanmean(lds_per_test(random, masks, margins, "margin"))) < RANDOM_LDS_MAX
 
 
-class _Split:
-    def __init__(self, n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen)
-        self.labels = torch.arange(n) % 10
-        self.names = [f"{i}.png" for i in range(n)]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def tensors(self, indices=None):
-        from influence_over_inference.study.data import normalize_uint8
-
-        return normalize_uint8(self.images), self.labels.clone()
-
-
-class _Data:
-    def __init__(self):
-        self.train, self.test, self.source = _Split(40, 0), _Split(20, 1), "fake"
-
-
 def test_retraining_resumes_without_retraining_finished_subsets(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
@@ -119,7 +99,7 @@ def test_retraining_resumes_without_retraining_finished_subsets(tmp_path, monkey
     from influence_over_inference.study.model import Net
 
     monkeypatch.setattr(retraining, "subset_split", lambda split, idx: split)
-    data, config = _Data(), LDSConfig(n_subsets=4, n_test=10, n_test_subset=2)
+    data, config = FakeData(), LDSConfig(n_subsets=4, n_test=10, n_test_subset=2)
     calls = []
 
     def fake_train(split, recipe, progress=False):
@@ -159,7 +139,7 @@ def test_adding_a_method_reuses_the_stored_subset_outputs_and_keeps_the_other_me
     from influence_over_inference.study.checkpoints import save_checkpoint
     from influence_over_inference.study.model import Net
 
-    data, config = _Data(), LDSConfig(n_subsets=3, n_test=10, n_test_subset=2, n_boot=20)
+    data, config = FakeData(), LDSConfig(n_subsets=3, n_test=10, n_test_subset=2, n_boot=20)
     checkpoint = save_checkpoint(Net(), tmp_path / "net.pt", {"recipe": {"weight_decay": 5e-4}})
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
     rng = np.random.default_rng(0)

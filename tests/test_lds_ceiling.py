@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import FakeData
 
 from influence_over_inference.experiments.lds import (
     REPLICATE_SEED_STEP,
@@ -83,28 +84,6 @@ def test_runs_that_agree_fully_have_ceiling_one_and_shapes_are_checked():
         retest_reliability(a, a[:, :4])
 
 
-class _Split:
-    def __init__(self, n, seed):
-        gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=gen)
-        self.labels = torch.arange(n) % 10
-        self.names = [f"{i}.png" for i in range(n)]
-
-    def __len__(self):
-        return len(self.labels)
-
-    def tensors(self, indices=None):
-        from influence_over_inference.study.data import normalize_uint8
-
-        x, y = normalize_uint8(self.images), self.labels.clone()
-        return (x, y) if indices is None else (x[torch.as_tensor(indices)], y[torch.as_tensor(indices)])
-
-
-class _Data:
-    def __init__(self):
-        self.train, self.test, self.source = _Split(40, 0), _Split(20, 1), "fake"
-
-
 def _fake_train(calls):
     from influence_over_inference.study.model import Net
 
@@ -121,7 +100,7 @@ def test_a_replicate_trains_the_same_subset_with_another_seed_and_keeps_the_orig
 
     seen = []
     monkeypatch.setattr(retraining, "subset_split", lambda split, idx: seen.append(idx.numpy()) or split)
-    data, config = _Data(), LDSConfig(n_subsets=2, n_test=10, n_test_subset=2)
+    data, config = FakeData(), LDSConfig(n_subsets=2, n_test=10, n_test_subset=2)
     calls = []
     retrain_subsets(data, config, tmp_path, progress=False, train_fn=_fake_train(calls))
     retrain_subsets(data, config, tmp_path, progress=False, train_fn=_fake_train(calls), replicate=1)
@@ -149,7 +128,7 @@ def test_the_ceiling_is_added_to_the_result_and_kept_when_a_method_is_added(tmp_
     from influence_over_inference.study.model import Net
 
     monkeypatch.setattr(retraining, "subset_split", lambda split, idx: split)
-    data, config = _Data(), LDSConfig(n_subsets=3, n_test=10, n_test_subset=2, n_boot=20)
+    data, config = FakeData(), LDSConfig(n_subsets=3, n_test=10, n_test_subset=2, n_boot=20)
     checkpoint = save_checkpoint(Net(), tmp_path / "net.pt", {"recipe": {"weight_decay": 5e-4}})
     sha = file_sha256(checkpoint)
     test_idx = balanced_test_indices(data.test.labels, config.n_test, config.test_seed)
