@@ -144,19 +144,27 @@ def test_the_ceiling_is_added_to_the_result_and_kept_when_a_method_is_added(tmp_
     scores = rng.normal(size=(10, 40)).astype(np.float32)
     save_npz_atomic(scores_path(cache / "scores", "grad_dot", scores_key(sha, data.source, test_idx), np.array([1, 4])),
                     scores=scores, seconds=np.float64(1.0))
+    result["methods"]["fast"] = {"computed": True, "checkpoint_sha256": sha}  # the default: set against grad_dot
+    write_json_atomic(result, out)
+    save_npz_atomic(scores_path(cache / "scores", "fast", scores_key(sha, data.source, test_idx), np.array([1, 4])),
+                    scores=scores + rng.normal(size=scores.shape).astype(np.float32), seconds=np.float64(1.0))
     with pytest.raises(RuntimeError, match="replicate models"):  # none trained yet
         run_ceiling(data, config, cache, out, arrays)
     retrain_subsets(data, config, cache, progress=False, train_fn=_fake_train([]), replicate=1)
     r = run_ceiling(data, config, cache, out, arrays)
     c = r["noise_ceiling"]
-    assert set(c["methods"]) == {"grad_dot"} and set(c["skipped"]) == {"old"}
+    assert set(c["methods"]) == {"grad_dot", "fast"} and set(c["skipped"]) == {"old"}
     assert -1 <= c["retest"] <= 1 and c["methods"]["grad_dot"]["n_test"] == 10
     assert json.loads(out.read_text())["noise_ceiling"] == json.loads(json.dumps(c))
     blob = dict(np.load(arrays))
     assert blob["ceiling_replicate_margins"].shape == (3, 10) and blob["ceiling_grad_dot_vs_mean2"].shape == (10,)
     assert np.array_equal(blob["margins"], margins)  # the original runs' outputs untouched
+    paired = c["paired_mean2"]["fast"]["grad_dot"]  # ours against the rest, on the mean of the two runs
+    both = np.isfinite(blob["ceiling_fast_vs_mean2"]) & np.isfinite(blob["ceiling_grad_dot_vs_mean2"])
+    assert paired["difference"] == pytest.approx(
+        float((blob["ceiling_fast_vs_mean2"] - blob["ceiling_grad_dot_vs_mean2"])[both].mean()), abs=1e-6)
     r = run_lds(data, checkpoint, config, ("random",), cache_dir=cache, out=out, arrays=arrays)  # add a method
-    assert r["noise_ceiling"]["methods"].keys() == {"grad_dot"}
+    assert r["noise_ceiling"]["methods"].keys() == {"grad_dot", "fast"}
     kept = dict(np.load(arrays))
     assert np.array_equal(kept["ceiling_replicate_margins"], blob["ceiling_replicate_margins"])
     assert "random_margin" in kept and "ceiling_retest_on_margins" in kept

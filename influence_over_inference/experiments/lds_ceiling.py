@@ -11,7 +11,9 @@ the mean of the two runs ``sqrt(2r / (1 + r))`` (Spearman-Brown), the noise halv
 (:func:`retest_reliability`). Each method
 already scored (cached under ``data/lds/scores``) is also scored against the replicate alone (the
 LDS measured on new ground truth) and against the mean of both runs; the noise model predicts the
-latter from the former by the factor ``sqrt(2 / (1 + r))``, which the run checks.
+latter from the former by the factor ``sqrt(2 / (1 + r))``, which the run checks. Against the mean
+of both runs, ours are set against the other methods again, paired over test images
+(``paired_mean2``, as :func:`.lds_run.paired_comparisons`): the same question on less noisy ground truth.
 
 Everything is per test image, with a 95% bootstrap interval over test images as for the LDS
 (:mod:`.lds_score`). Written into ``results/lds.json`` under ``noise_ceiling`` and, per test image,
@@ -30,7 +32,7 @@ import numpy as np
 
 from ..engine.io import save_npz_atomic, write_json_atomic
 from .lds import LDS_DIR, LDSConfig, balanced_test_indices, load_outputs, previous_run, subset_masks
-from .lds_run import ARRAYS_PATH, RESULT_PATH, scores_key, scores_path
+from .lds_run import ARRAYS_PATH, RESULT_PATH, paired_comparisons, scores_key, scores_path
 from .lds_score import bootstrap_ci, lds_summary, rowwise_spearman
 from .metrics import spearman
 
@@ -139,6 +141,9 @@ def run_ceiling(data, config: LDSConfig | None = None, cache_dir: str | os.PathL
         log.info("%s: LDS margin %.4f (original) %.4f (replicate) %.4f (mean of two; predicted %.4f)", name,
                  methods[name]["lds_margin_original"], methods[name]["lds_margin_replicate"],
                  methods[name]["lds_margin_mean2"], methods[name]["predicted_mean2"])
+    per_test = {f"{name}_margin": kept[f"ceiling_{name}_vs_mean2"] for name in methods}
+    scored = {"default_solver": result.get("default_solver", "fast"), "methods": {n: result["methods"][n] for n in methods}}
+    summary["paired_mean2"] = paired_comparisons(scored, {**per_test, "subset_positions": sub_pos}, config.n_boot)
     summary.update({"methods": methods, "skipped": skipped, "minutes": (time.perf_counter() - start) / 60,
                     "replicate_seed": "subset_seed + k + 1,000,000 (lds.REPLICATE_SEED_STEP)"})
     result["noise_ceiling"] = summary
