@@ -245,7 +245,32 @@ def test_hybrid_is_the_sampled_ggn_on_each_span_and_compressed_ekfac_elsewhere_a
     u = hybrid.eigenvectors[:, : hybrid.widths[0]]  # on a fit's span that fit's term is the sampled GGN's inverse
     one = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=20, n_fits=1).fit(model, x, y, weight_decay=WD)
     assert rel(one.inverse_hvp(u.T), (u / (hybrid.eigenvalues[: hybrid.widths[0]] + d)).T) < EXACT_REL
-    assert hybrid.basis() is None and not hybrid.basis_products_ready()  # quadratic forms need EK-FAC solves
+    assert hybrid.basis() is None  # quadratic forms need EK-FAC solves, not only the basis products
+
+
+def test_hybrid_self_influence_takes_the_bases_products_without_the_linear_weight_rows():
+    """``self_influence`` with the hybrid: ``U^T g`` from :meth:`basis_products` (the kernel route), one product
+    with the bases and one EK-FAC solve from the gradients: the same values as the quadratic form of the
+    gradients, whatever the chunk size."""
+    from influence_over_inference.engine.scores import self_influence
+
+    model, x, y = problem("conv")
+    hybrid = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=8, n_fits=3).fit(model, x, y, weight_decay=WD)
+    assert hybrid.basis_products_ready() and hybrid.factors  # the fits kept their factor rows
+    expect = hybrid.quadratic_form(grad_z(model, x, y)) / len(x)
+    calls = []
+    products = hybrid.basis_products
+    hybrid.basis_products = lambda xs, ys: calls.append(len(xs)) or products(xs, ys)
+    for chunk in (7, 64):
+        calls.clear()
+        assert rel(self_influence(model, (x, y), hybrid, chunk_size=chunk), expect) < EXACT_REL
+        assert sum(calls) == len(x)  # every example went through the kernel route
+    dots = products(x[:4], y[:4])[0]
+    assert rel(dots, grad_z(model, x[:4], y[:4]) @ hybrid.eigenvectors) < EXACT_REL
+    g = grad_z(model, x[:4], y[:4])
+    assert rel(hybrid.quadratic_form_with_products(g, dots), hybrid.quadratic_form(g)) < EXACT_REL
+    plain = make_solver("fast", rest="damping", damping=DAMPING, rank=12, n_samples=8, n_fits=3).fit(model, x, y, weight_decay=WD)
+    assert rel(plain.quadratic_form_with_products(g, g @ plain.eigenvectors), plain.quadratic_form(g)) < EXACT_REL
 
 
 def test_hybrid_state_roundtrip_and_damping_change():

@@ -122,10 +122,11 @@ def self_influence(
     """``(1/n) grad L(j)^T (C + wd I + lambda I)^{-1} grad L(j)`` for every training example: (n,).
 
     Uses the fast solver's basis products where its rest is zero (``rest="damping"``: closed form,
-    no Linear-weight rows), else ``solver.quadratic_form`` per chunk of gradients (the hybrid
-    default and EK-FAC: two EK-FAC solves and products with the basis; an inverse-HVP per
-    example for the others). Under ``torch.distributed`` each rank takes its shard and
-    rank 0 returns the whole vector; other ranks return None.
+    no Linear-weight rows); for the hybrid default, the same basis products and, from the chunk's
+    gradients, one EK-FAC solve and one product with the bases
+    (``solver.quadratic_form_with_products``); else ``solver.quadratic_form`` per chunk of gradients
+    (EK-FAC; an inverse-HVP per example for the others). Under ``torch.distributed`` each rank
+    takes its shard and rank 0 returns the whole vector; other ranks return None.
     """
     n = data_length(train)
     p = next(model.parameters())
@@ -137,6 +138,10 @@ def self_influence(
     if basis is not None and ready is not None and ready():  # the fast solver with its factors: no Linear-weight rows
         for start, x, y in iter_chunks(mine, chunk_size, p.device, p.dtype, progress, "self-influence"):
             out[0, start : start + len(x)] = solver.quadratic_form_from_products(*solver.basis_products(x, y)).cpu()
+    elif ready is not None and ready():  # the hybrid: U^T g without the Linear-weight rows, EK-FAC's terms from g
+        for start, x, y in iter_chunks(mine, chunk_size, p.device, p.dtype, progress, "self-influence"):
+            g = grad_z(model, x, y, layers=solver.layers, chunk_size=chunk_size)
+            out[0, start : start + len(x)] = solver.quadratic_form_with_products(g, solver.basis_products(x, y)[0]).cpu()
     else:
         for start, g in iter_grad_z(model, mine, chunk_size, p.device, solver.layers, p.dtype, progress, "self-influence"):
             if basis is not None:  # the fast solver: only products with its (r, P) basis and squared norms

@@ -308,19 +308,29 @@ class FastSolver(InverseHVP):
                 self._rest_m.append(torch.linalg.cholesky((m + m.T) / 2))
         return rest, self._rest_m
 
-    def _hybrid(self, v: torch.Tensor, quadratic: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def quadratic_form_with_products(self, vectors: torch.Tensor, dots: torch.Tensor) -> torch.Tensor:
+        """``v^T H^{-1} v`` given ``dots = v @ eigenvectors`` (from :meth:`basis_products`, which takes them
+        without the Linear-weight rows): the hybrid then needs one product with the bases, not two."""
+        v = self._check_vectors(vectors)
+        if self._uses_rest():
+            return self._hybrid(v, quadratic=True, products=dots.to(v))[1]
+        return self.quadratic_form_from_products(dots.to(v), (v * v).sum(1))
+
+    def _hybrid(self, v: torch.Tensor, quadratic: bool = False, products: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``rest="ekfac"``: ``(H^{-1} v, v^T H^{-1} v)`` (the second only if ``quadratic``; then not the first), with
 
             H_f^{-1} = U (E + d)^{-1} U^T + A^{-1} - A^{-1} U (U^T A^{-1} U)^{-1} U^T A^{-1}
 
         averaged over the fits: the inverse of the sampled GGN on the fit's span ``U`` and of the damped
         EK-FAC ``A`` compressed to the rest of the space (its Schur complement; with ``A = d I`` the
-        fast solver's ``(1/d)(I - U U^T)`` there). Three products with the bases and two EK-FAC solves.
+        fast solver's ``(1/d)(I - U U^T)`` there). Three products with the bases and two EK-FAC solves;
+        the quadratic form two products and one solve, or one product where ``products`` (``U^T v``) is given.
         """
         rest, chol = self._rest()
         d = self.total_damping
         av = rest.inverse_hvp(v)  # A^{-1} v (K, P)
-        c1 = v @ self.eigenvectors  # U^T v (K, F r)
+        c1 = v @ self.eigenvectors if products is None else products  # U^T v (K, F r)
         c2 = (av @ self.eigenvectors).double()  # U^T A^{-1} v
         z, start = torch.empty_like(c2), 0
         for width, l_f in zip(self.widths, chol, strict=True):
@@ -344,8 +354,7 @@ class FastSolver(InverseHVP):
 
     def basis_products_ready(self) -> bool:
         """Whether :meth:`basis_products` can run: the fit kept its factors and the model takes the hooks."""
-        return (not self._uses_rest() and bool(getattr(self, "factors", None))
-                and _hooks_supported(self.model, self.layers))
+        return bool(getattr(self, "factors", None)) and _hooks_supported(self.model, self.layers)
 
     def basis_products(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(grad_z(x, y) @ basis().T, squared norms of grad_z)`` without the gradients' Linear-weight rows.
