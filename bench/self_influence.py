@@ -1,18 +1,20 @@
 """Self-influence with the default fast solver: the kernel route against the gradient route, one idle run.
 
 Self-influence (``scores.self_influence``, the mislabel finder) needs each training gradient's
-products with the fast solver's basis (16 fits x 500 columns at the defaults). The gradient route
-forms every per-example gradient (62,006 numbers) and multiplies it by the (P, 8,000) basis; the
-kernel route (``FastSolver.basis_products``) never builds the Linear-weight rows and takes their
-products through each fit's factor rows. Both run on the same fitted solver, on the same
+products with the fast solver's bases (16 fits x 500 columns at the defaults) and, with the hybrid
+default (``rest="ekfac"``), one EK-FAC solve and the products of the solved gradients with the bases
+(:meth:`FastSolver.quadratic_form_with_products`). The gradient route forms every per-example
+gradient (62,006 numbers) and multiplies it, and its EK-FAC solve, by the (P, 8,000) bases; the
+kernel route (``FastSolver.basis_products``) takes the first of the two products without the
+Linear-weight rows, through each fit's factor rows. Both run on the same fitted solver, on the same
 ``--n-train`` training images, alternately, ``--repeats`` times each, in one child process with a
 fixed thread count; the script first waits for an idle machine (``bench/hygiene.py``) and records
 the load. It prints and writes (``bench/results/self_influence.json``) the medians, min and max,
 the ratio of the medians, the largest relative difference between the routes' values, and the
 kernel route's seconds for all 50,000 images (one timed pass).
 
-    python bench/self_influence.py                    # about 10 min at 1 thread on the idle machine
-    python bench/self_influence.py --threads 2 --out /tmp/si2.json
+    python bench/self_influence.py --threads 2        # about 15 min at 2 threads on the idle machine
+    python bench/self_influence.py --out /tmp/si1.json
 """
 
 from __future__ import annotations
