@@ -99,8 +99,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             torch.save(results, out / "results.pt")
         else:
             assert all(r is None for r in results.values()), "only rank 0 returns results"
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        distributed.leave(finished=False)
+        raise
+    distributed.leave()  # a barrier first: no rank tears down while rank 0 still gathers
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def cmd_influence(args) -> int:
     CPU, nccl with ``--device cuda``: one GPU per rank) only after its arguments have passed, so a
     typo fails in milliseconds on every rank instead of after the group has formed; each rank scores
     its shard and rank 0 prints and writes."""
-    from ..engine.distributed import init_from_env
+    from ..engine.distributed import init_from_env, leave
     from ..study.training import resolve_device
 
     solver = _make_solver(args)  # validates the solver settings
@@ -143,10 +143,14 @@ def cmd_influence(args) -> int:
     device = resolve_device(args.device)
     rank_device = init_from_env(device)
     try:
-        return _run(args, solver, rank_device or device)
-    finally:
+        out = _run(args, solver, rank_device or device)
+    except BaseException:
         if rank_device is not None:
-            torch.distributed.destroy_process_group()
+            leave(finished=False)
+        raise
+    if rank_device is not None:
+        leave()
+    return out
 
 
 def _make_solver(args):

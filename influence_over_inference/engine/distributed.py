@@ -199,6 +199,21 @@ def gather_columns(local: torch.Tensor, n: int, block: int = 1, mode: str = "con
 
 # -- process group from torchrun's environment ------------------------------------------------
 
+def leave(finished: bool = True) -> None:
+    """Destroy the process group; first wait for every rank (a barrier) when this one ``finished`` its work.
+
+    gloo's ``gather`` returns on the sending ranks before rank 0 has received: a rank that tears down
+    its connections at once can abort while rank 0 still reads its last columns (a two-process test
+    died with SIGABRT, "terminate called without an active exception", once in about ten runs). After
+    an error no barrier: the other ranks may never reach it.
+    """
+    if not is_distributed():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def init_from_env(device: str | torch.device = "cpu") -> torch.device | None:
     """Join the process group ``torchrun`` describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...).
 
