@@ -204,7 +204,7 @@ def leave(finished: bool = True) -> None:
 
     gloo's ``gather`` returns on the sending ranks before rank 0 has received: a rank that tears down
     its connections at once can abort while rank 0 still reads its last columns (a two-process test
-    died with SIGABRT, "terminate called without an active exception", once in about ten runs). After
+    died with SIGABRT, "terminate called without an active exception", in one of 14 runs before this). After
     an error no barrier: the other ranks may never reach it.
     """
     if not is_distributed():
