@@ -31,7 +31,15 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.io import save_npz_atomic, write_json_atomic
-from .lds import LDS_DIR, LDSConfig, balanced_test_indices, load_outputs, previous_run, subset_masks
+from .lds import (
+    LDS_DIR,
+    REPLICATE_SEED_STEP,
+    LDSConfig,
+    balanced_test_indices,
+    load_outputs,
+    previous_run,
+    subset_masks,
+)
 from .lds_run import ARRAYS_PATH, RESULT_PATH, paired_comparisons, scores_key, scores_path
 from .lds_score import bootstrap_ci, lds_summary, rowwise_spearman
 from .metrics import spearman
@@ -145,7 +153,7 @@ def run_ceiling(data, config: LDSConfig | None = None, cache_dir: str | os.PathL
     scored = {"default_solver": result.get("default_solver", "fast"), "methods": {n: result["methods"][n] for n in methods}}
     summary["paired_mean2"] = paired_comparisons(scored, {**per_test, "subset_positions": sub_pos}, config.n_boot)
     summary.update({"methods": methods, "skipped": skipped, "minutes": (time.perf_counter() - start) / 60,
-                    "replicate_seed": "subset_seed + k + 1,000,000 (lds.REPLICATE_SEED_STEP)"})
+                    "replicate_seed": f"subset_seed + k + {REPLICATE_SEED_STEP:,} (lds.REPLICATE_SEED_STEP)"})
     result["noise_ceiling"] = summary
     kept.update(ceiling_replicate_margins=second["margins"].astype(np.float32),
                 ceiling_replicate_losses=second["losses"].astype(np.float32),

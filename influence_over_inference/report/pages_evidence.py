@@ -262,11 +262,11 @@ def lds_slide(inputs, config):
     shown = [k for k in SLIDE_LDS_METHODS if k in rows] or list(rows)[:7]
     left, right = body.subfigures(1, 2, width_ratios=[1, 1.1])
     ax = left.subplots()
+    ceiling = trust.noise_ceiling(lds)
     trust.draw_lds_bars(ax, [(k, *rows[k]) for k in shown], default,
-                        [k + (f" ({rows[k][2]})" if (rows[k][2] or 1) > 1 else "") for k in shown], fontsize=SMALL_PT)
+                        [k + (f" ({rows[k][2]})" if (rows[k][2] or 1) > 1 else "") for k in shown], fontsize=SMALL_PT,
+                        ceiling=ceiling and ceiling[1])
     ax.set_xlabel("LDS (95% interval)", fontsize=SMALL_PT)
-    if trust.noise_ceiling(lds) is not None:
-        ax.axvline(trust.noise_ceiling(lds)[1], color="#cf222e", linestyle="--", linewidth=1.2)
     paired = lds.get("paired") or {}
     items = [f"{lds.get('n_subsets', '?')} retrained halves, {lds.get('n_test', '?')} test images: does the sum of a "
              "half's scores rank its model's margin?"]
@@ -280,7 +280,6 @@ def lds_slide(inputs, config):
                 other = " (another training)" if ours in (lds.get("methods_from_other_checkpoints") or ()) else ""
                 items.append(f"{rows[ours][2]} models{other}, ours minus TRAK: {c['difference']:+.3f} "
                              f"[{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}].")
-    ceiling = trust.noise_ceiling(lds)
     if ceiling is not None and default in rows:
         items.append(f"Noise ceiling: a half trained twice agrees with itself at Spearman {ceiling[0]:.2f}, so no method "
                      f"can pass ~{ceiling[1]:.2f} (dashed); ours reaches {rows[default][0] / ceiling[1]:.0%} of it.")

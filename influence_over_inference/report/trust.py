@@ -125,8 +125,10 @@ def _missing_figure(missing: Missing) -> Figure:
     return fig
 
 
-def draw_lds_bars(ax: Axes, rows: list, default: str | None, labels: list[str], fontsize: float | None = None) -> None:
-    """Horizontal bars, top to bottom, of :func:`lds_rows`-style ``rows`` with their 95% intervals, the default in colour."""
+def draw_lds_bars(ax: Axes, rows: list, default: str | None, labels: list[str], fontsize: float | None = None,
+                  ceiling: float | None = None, ceiling_label: str | None = None) -> None:
+    """Horizontal bars, top to bottom, of :func:`lds_rows`-style ``rows`` with their 95% intervals, the default in colour;
+    ``ceiling`` (:func:`noise_ceiling`'s against one model) as a dashed line, labelled ``ceiling_label`` for a legend."""
     values = [v for _, v, _, _ in rows]
     err = [[v - (ci or (v, v))[0] for _, v, ci, _ in rows], [(ci or (v, v))[1] - v for _, v, ci, _ in rows]]
     y = list(range(len(rows)))[::-1]
@@ -135,6 +137,8 @@ def draw_lds_bars(ax: Axes, rows: list, default: str | None, labels: list[str], 
     if fontsize is not None:
         ax.tick_params(axis="both", labelsize=fontsize)
     ax.axvline(0, color="black", linewidth=0.8)
+    if ceiling is not None:
+        ax.axvline(ceiling, color="#cf222e", linestyle="--", linewidth=1.2, label=ceiling_label)
 
 
 def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> Figure:
@@ -150,11 +154,10 @@ def plot_lds(lds: Mapping, ax: Axes | None = None, key: str = "lds_margin") -> F
     earlier = set(_earlier_checkpoint(lds))
     names = [f"{name}" + (f" ({n} models)" if n and n > 1 else "") + (" [default]" if name == default else "")
              + (" [earlier checkpoint]" if name in earlier else "") for name, _, _, n in rows]
-    draw_lds_bars(ax, rows, default, names)
     ceiling = noise_ceiling(lds)
+    draw_lds_bars(ax, rows, default, names, ceiling=ceiling and ceiling[1],
+                  ceiling_label=ceiling and f"noise ceiling {ceiling[1]:.2f}:\nno method can\npass it here")
     if ceiling is not None:
-        ax.axvline(ceiling[1], color="#cf222e", linestyle="--", linewidth=1.2,
-                   label=f"noise ceiling {ceiling[1]:.2f}:\nno method can\npass it here")
         ax.legend(loc="center right", fontsize=8)
     what = "margin" if key == "lds_margin" else "loss"
     ax.set_xlabel(f"LDS ({what}): Spearman, across retrained subsets, of predicted vs actual")
