@@ -117,6 +117,10 @@ class FastSolver(InverseHVP):
     0.052, ``cnn_sweep_rank250``). Earlier sweeps on an earlier checkpoint (``cnn_sweep``,
     ``cnn_sweep_16_fits``): damping raises stability and lowers the LDS; 1,000 images per fit do
     not help stability (4 fits: 0.83).
+    Merging the fits into fewer, larger spans (the top eigenpairs of several fits' mean curvature,
+    ``python bench/merged_spans.py``) brings the small net's Pearson with exact influence from 0.830 to
+    0.972 (one span of all 16 fits), but then two seeds agree at 0.776 on the CNN: only the average over
+    many spans is stable, and no number of spans met both goals with 16 or 32 fits (README).
     An isotropic model of the rest of the spectrum (``1/(d + c)`` outside the span instead of
     ``1/d``) lowered the LDS for every ``c`` tried. ``eigh_iters=4`` puts the 500th eigenvalue
     ~8.5% low, but an exact eigh (``eigh_iters=0``, 3.2 times the fit time) gave the same seed
