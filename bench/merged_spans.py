@@ -50,34 +50,20 @@ from fast_design_cnn import (  # noqa: E402
 from influence_over_inference.engine.hashing import file_sha256  # noqa: E402
 from influence_over_inference.engine.io import atomic_torch_save, write_json_atomic  # noqa: E402
 from influence_over_inference.engine.solvers.fast import FastSettings, FastSolver  # noqa: E402
+from influence_over_inference.engine.solvers.lowrank import merge_span  # noqa: E402
 
 log = logging.getLogger("merged_spans")
 
 
 def merge_spans(fits: list[tuple[torch.Tensor, torch.Tensor]], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``rank`` eigenpairs ``(Q (P, k), lam (k,))`` of ``mean_f U_f diag(e_f) U_f^T`` for fits ``[(U_f (P, r_f), e_f)]``
-    with orthonormal columns ``U_f``, merged one fit at a time.
-
-    With ``B = Q diag(sqrt(lam))`` the running factor, each step takes the eigenpairs of the Gram of
-    ``[B, U_f diag(sqrt(e_f / F))]``, whose diagonal blocks are ``diag(lam)`` and ``diag(e_f / F)`` (only
-    the cross block ``Q^T U_f`` is a product over the P parameters; small matrices in float64), and keeps
-    the top ``rank``: exact where nothing is dropped (``rank`` at least the sum of the widths), else
-    the frequent-directions approximation of the top eigenpairs (tested against an exact eigh).
-    """
+    with orthonormal columns ``U_f``, merged one fit at a time by the engine's :func:`merge_span` (what
+    ``FastSettings.span_images`` does during a fit, here on fits already made)."""
     n = len(fits)
-    q, lam = fits[0][0], fits[0][1].double() / n
+    rows, lam = fits[0][0].T, fits[0][1].double() / n
     for u, e in fits[1:]:
-        e = e.double() / n
-        s_q, s_u = lam.clamp_min(0).sqrt(), e.clamp_min(0).sqrt()
-        cross = s_q[:, None] * (q.T @ u).double() * s_u[None]  # (k, r)
-        gram = torch.cat([torch.cat([torch.diag(lam), cross], 1), torch.cat([cross.T, torch.diag(e)], 1)])
-        ev, vec = torch.linalg.eigh(gram)
-        ev, vec = ev.flip(0)[:rank], vec.flip(1)[:, :rank]
-        keep = ev > ev[0] * 1e-12
-        ev, vec = ev[keep], vec[:, keep]
-        mix = torch.cat([s_q, s_u])[:, None] * vec / ev.sqrt()  # (k + r, k'): [Q, U] mix has orthonormal columns
-        q, lam = torch.cat([q, u], 1) @ mix.to(q.dtype), ev
-    return q, lam
+        rows, lam, _ = merge_span(rows, lam, u.T, e.double() / n, rank)
+    return rows.T, lam
 
 
 def grouped(fits: list, groups: int, rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -35,6 +35,7 @@ CASES = {
     "exact_empty_rank": ("conv", "exact", {"damping": 0.05, "chunk_size": 100}, 100),
     "fast_uneven": ("conv", "fast", {"damping": 0.05, "n_samples": 45, "chunk_size": 7}, 7),
     "fast_empty_rank": ("conv", "fast", {"damping": 0.05, "n_samples": 20, "chunk_size": 100}, 100),
+    "fast_merged_spans": ("conv", "fast", {"damping": 0.05, "n_samples": 45, "chunk_size": 7, "span_images": 12}, 7),
     "fast_generic_path": ("layernorm_mlp", "fast", {"damping": 0.05, "n_samples": 30, "chunk_size": 8}, 11),
     "ekfac_uneven": ("conv", "ekfac", {"damping": 0.05, "chunk_size": 7}, 7),
     "ekfac_empty_rank": ("conv", "ekfac", {"damping": 0.05, "chunk_size": 100}, 100),

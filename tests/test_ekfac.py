@@ -226,11 +226,15 @@ def test_hybrid_at_full_rank_on_all_examples_is_exact(kind):
     assert rel(hybrid.quadratic_form(v), exact.quadratic_form(v)) < EXACT_REL
 
 
-def test_hybrid_is_the_sampled_ggn_on_each_span_and_compressed_ekfac_elsewhere_averaged_over_fits():
-    """Against explicit matrices: per fit ``U (E+d)^-1 U^T + A^-1 - A^-1 U (U^T A^-1 U)^-1 U^T A^-1``, the mean over fits."""
+@pytest.mark.parametrize("span_images", [0, 40])
+def test_hybrid_is_the_sampled_ggn_on_each_span_and_compressed_ekfac_elsewhere_averaged_over_fits(span_images):
+    """Against explicit matrices: per span ``U (E+d)^-1 U^T + A^-1 - A^-1 U (U^T A^-1 U)^-1 U^T A^-1``, the mean over
+    spans (one per fit, or two fits merged into the first of two spans)."""
     model, x, y = problem("conv")
     v = grad_z(model, x[:5], y[:5])
-    hybrid = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=20, n_fits=3).fit(model, x, y, weight_decay=WD)
+    hybrid = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=20, n_fits=3,
+                         span_images=span_images).fit(model, x, y, weight_decay=WD)
+    assert len(hybrid.widths) == (3 if span_images == 0 else 2)
     d = WD + DAMPING
     a = _explicit_ekfac(hybrid.rest_solver, model)
     a_inv = torch.linalg.inv(a + d * torch.eye(len(a), dtype=a.dtype))
@@ -242,20 +246,23 @@ def test_hybrid_is_the_sampled_ggn_on_each_span_and_compressed_ekfac_elsewhere_a
     mean = mean / len(hybrid.widths)
     assert rel(hybrid.inverse_hvp(v), v @ mean) < EXACT_REL
     assert rel(hybrid.quadratic_form(v), ((v @ mean) * v).sum(1)) < EXACT_REL
-    u = hybrid.eigenvectors[:, : hybrid.widths[0]]  # on a fit's span that fit's term is the sampled GGN's inverse
-    one = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=20, n_fits=1).fit(model, x, y, weight_decay=WD)
-    assert rel(one.inverse_hvp(u.T), (u / (hybrid.eigenvalues[: hybrid.widths[0]] + d)).T) < EXACT_REL
+    if span_images == 0:
+        u = hybrid.eigenvectors[:, : hybrid.widths[0]]  # on a fit's span that fit's term is the sampled GGN's inverse
+        one = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=20, n_fits=1).fit(model, x, y, weight_decay=WD)
+        assert rel(one.inverse_hvp(u.T), (u / (hybrid.eigenvalues[: hybrid.widths[0]] + d)).T) < EXACT_REL
     assert hybrid.basis() is None  # quadratic forms need EK-FAC solves, not only the basis products
 
 
-def test_hybrid_self_influence_takes_the_bases_products_without_the_linear_weight_rows():
+@pytest.mark.parametrize("span_images", [0, 16])
+def test_hybrid_self_influence_takes_the_bases_products_without_the_linear_weight_rows(span_images):
     """``self_influence`` with the hybrid: ``U^T g`` from :meth:`basis_products` (the kernel route), one product
     with the bases and one EK-FAC solve from the gradients: the same values as the quadratic form of the
-    gradients, whatever the chunk size."""
+    gradients, whatever the chunk size, with one span per fit or fits merged into spans."""
     from influence_over_inference.engine.scores import self_influence
 
     model, x, y = problem("conv")
-    hybrid = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=8, n_fits=3).fit(model, x, y, weight_decay=WD)
+    hybrid = make_solver("fast", rest="ekfac", damping=DAMPING, rank=12, n_samples=8, n_fits=3,
+                         span_images=span_images).fit(model, x, y, weight_decay=WD)
     assert hybrid.basis_products_ready() and hybrid.factors  # the fits kept their factor rows
     expect = hybrid.quadratic_form(grad_z(model, x, y)) / len(x)
     calls = []

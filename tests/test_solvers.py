@@ -197,6 +197,53 @@ def test_fast_solver_averages_the_inverses_of_disjoint_fits(small):
     assert torch.equal(again.inverse_hvp(v), fast.inverse_hvp(v))
 
 
+@pytest.mark.parametrize("span_images, groups", [(45, [[0, 1, 2]]), (30, [[0, 1], [2]])])
+def test_fast_solver_merges_fits_into_spans_that_invert_their_images_ggn(small, span_images, groups):
+    """span_images: consecutive fits at full rank merged into one span are exact for the GGN of all their images
+    (disjoint subsamples of equal size: the mean of theirs), and the solver averages the spans' inverses."""
+    _, model, x, y, v = small
+    fast = make_solver("fast", rest="damping", damping=0.05, rank=10_000, n_samples=15, n_fits=3, chunk_size=7,
+                       span_images=span_images).fit(model, x, y, weight_decay=WD)
+    parts = fast.subsamples()
+    assert fast.span_groups(3, 15) == groups and fast.n_fits == len(groups) and fast.factor_spans == [i for i, g in enumerate(groups) for _ in g]
+    exact = [make_solver("exact", curvature="ggn", damping=0.05).fit(model, x[torch.cat([parts[f] for f in g])],
+                                                                       y[torch.cat([parts[f] for f in g])], weight_decay=WD)
+             for g in groups]
+    mean_inverse = sum(e.inverse_hvp(v) for e in exact) / len(exact)
+    assert rel(fast.inverse_hvp(v), mean_inverse) < EXACT_REL
+    start = 0
+    for width in fast.widths:  # each span's basis orthonormal (to the rounding that 1/sqrt of eigenvalues 1e-10 of the top amplifies)
+        u = fast.eigenvectors[:, start : start + width]
+        start += width
+        assert torch.allclose(u.T @ u, torch.eye(width, dtype=u.dtype), atol=1e-7)
+    again = FastSolver(fast.settings).fit(model, x, y, weight_decay=WD, state=fast.state_dict())
+    assert torch.equal(again.inverse_hvp(v), fast.inverse_hvp(v))
+
+
+def test_merged_spans_keep_their_top_eigenpairs_where_the_rank_cuts():
+    """``merge_span`` below full rank: the top eigenvalues of the sum of two low-rank curvatures, the basis
+    rows orthonormal and the mix giving them from the two inputs' rows."""
+    from influence_over_inference.engine.solvers.lowrank import merge_span
+
+    g = torch.Generator().manual_seed(0)
+    q1, _ = torch.linalg.qr(torch.randn(40, 8, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(40, 8, generator=g, dtype=torch.float64))
+    e1, e2 = torch.logspace(1, -3, 8, dtype=torch.float64), torch.logspace(0.5, -3, 8, dtype=torch.float64)
+    total = q1 @ torch.diag(e1) @ q1.T + q2 @ torch.diag(e2) @ q2.T
+    rows, lam, mix = merge_span(q1.T, e1, q2.T, e2, rank=5)
+    assert torch.allclose(lam, torch.linalg.eigvalsh(total).flip(0)[:5], rtol=1e-10)
+    assert torch.allclose(rows @ rows.T, torch.eye(5, dtype=rows.dtype), atol=1e-12)
+    assert torch.allclose(rows, mix.T @ torch.cat([q1.T, q2.T]), atol=1e-12)
+    assert torch.allclose(rows @ total @ rows.T, torch.diag(lam), atol=1e-10)
+
+
+def test_fast_solver_span_setting_is_in_the_cache_key_only_where_it_merges():
+    assert "span_images" not in make_solver("fast").describe()  # 0: the solver before the setting, same keys
+    assert make_solver("fast", span_images=1000).describe()["span_images"] == 1000
+    with pytest.raises(ValueError, match=r"^span_images must be >= 0 \(at most n_samples: one span per fit\), got -1$"):
+        make_solver("fast", span_images=-1)
+
+
 def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(small, monkeypatch):
     """The bases go, as rows, into one preallocated matrix in fit order; a later fit with more columns than the
     first (fewer zero eigenvalues) grows it, one with fewer leaves no unused column behind."""
@@ -222,7 +269,7 @@ def test_fast_solver_lays_each_fits_basis_side_by_side_whatever_their_widths(sma
 def test_fast_basis_sums_the_classes_of_each_samples_outer_rows_before_the_products():
     """``_basis`` equals ``rows^T coef`` with the Linear-weight rows ``g[i, c] a[i]^T`` built one by
     one, for a subset of the samples and more columns than one block of 64."""
-    from influence_over_inference.engine.solvers.fast import _basis
+    from influence_over_inference.engine.solvers.lowrank import _basis
 
     gen = torch.Generator().manual_seed(0)
     m, n_classes, n_out, n_in, k = 7, 3, 4, 5, 70
@@ -354,7 +401,7 @@ def test_fast_solver_on_a_model_without_the_hook_path_is_exact_at_full_rank():
 
 
 def test_randomized_top_eigenpairs_match_eigh():
-    from influence_over_inference.engine.solvers.fast import top_eigh
+    from influence_over_inference.engine.solvers.lowrank import top_eigh
 
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))
@@ -524,7 +571,7 @@ def test_fast_on_a_layer_without_curvature_is_the_damped_identity():
 
 
 def test_top_eigh_is_a_full_eigh_up_to_a_third_of_the_size_and_seeded_beyond():
-    from influence_over_inference.engine.solvers.fast import top_eigh
+    from influence_over_inference.engine.solvers.lowrank import top_eigh
 
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(61, 61, generator=gen, dtype=torch.float64)

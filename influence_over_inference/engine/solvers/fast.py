@@ -24,6 +24,7 @@ from ..distributed import (
 from ..gradients import class_gradients
 from ..hooks import _hooks_supported, class_gradient_parts, sample_gradient_parts
 from .base import InverseHVP, _check_common
+from .lowrank import _basis, _gram_rows, _mirror_upper_blocks, merge_span, top_eigh
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,11 @@ class FastSettings:
     damping: float = 0.01  # lambda: extra damping added to GGN + weight_decay I (issue 9's sweeps: the highest LDS)
     rank: int = 500  # number of top GGN eigenpairs kept per fit (at most n_samples * n_classes)
     n_samples: int = 250  # training examples per fit whose per-class gradients form the GGN factor
-    n_fits: int = 16  # independent fits on disjoint seeded subsamples; their inverses are averaged (seed stability)
+    n_fits: int = 16  # independent fits on disjoint seeded subsamples; their inverses (one per span) are averaged (seed stability)
+    span_images: int = 0  # images per span: consecutive fits merged until they hold about this many (the top ``rank``
+    #                       eigenpairs of their mean curvature, :func:`merge_span`); at most n_samples (0, the default):
+    #                       one span per fit. Larger spans come closer to the exact GGN, fewer spans agree less across
+    #                       seeds (``python bench/merged_spans.py``, README)
     eigh_iters: int = 4  # subspace iterations of the randomized eigensolver; 0 = exact eigh of the Gram
     seed: int = 0  # seeds the subsamples (and the randomized eigensolver)
     chunk_size: int = 100  # examples per per-class-gradient call (rows = chunk_size * n_classes)
@@ -51,6 +56,8 @@ class FastSettings:
             raise ValueError("the fast solver uses the Gauss-Newton curvature; set curvature='ggn'")
         if self.rank < 1 or self.n_samples < 1 or self.chunk_size < 1 or self.n_fits < 1:
             raise ValueError("rank, n_samples, n_fits and chunk_size must be >= 1")
+        if self.span_images < 0:
+            raise ValueError(f"span_images must be >= 0 (at most n_samples: one span per fit), got {self.span_images}")
         if self.eigh_iters < 0:
             raise ValueError(f"eigh_iters must be >= 0 (0 = exact eigh), got {self.eigh_iters}")
 
@@ -117,8 +124,8 @@ class FastSolver(InverseHVP):
     0.052, ``cnn_sweep_rank250``). Earlier sweeps on an earlier checkpoint (``cnn_sweep``,
     ``cnn_sweep_16_fits``): damping raises stability and lowers the LDS; 1,000 images per fit do
     not help stability (4 fits: 0.83).
-    Merging the fits into fewer, larger spans (the top eigenpairs of several fits' mean curvature,
-    ``python bench/merged_spans.py``) brings the small net's Pearson with exact influence from 0.830 to
+    Merging the fits into fewer, larger spans (``span_images``: the top eigenpairs of several fits' mean
+    curvature, ``python bench/merged_spans.py``) brings the small net's Pearson with exact influence from 0.830 to
     0.972 (one span of all 16 fits), but then two seeds agree at 0.776 on the CNN: only the average over
     many spans is stable, and no number of spans met both goals with 16 or 32 fits (README).
     An isotropic model of the rest of the spectrum (``1/(d + c)`` outside the span instead of
@@ -151,31 +158,55 @@ class FastSolver(InverseHVP):
         perm = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(s.seed))
         return [perm[f * m : (f + 1) * m].sort().values for f in range(s.n_fits)]
 
-    def _fit(self) -> None:
-        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), one after another; the inverses are averaged.
+    def span_groups(self, n_fits: int, per_fit: int) -> list[list[int]]:
+        """The fits merged into each span: consecutive fits, as many as make ``span_images`` images of ``per_fit``
+        each (rounded; near-equal groups), one per span where ``span_images`` is at most ``per_fit``."""
+        per = max(1, min(n_fits, round(self.settings.span_images / max(per_fit, 1))))
+        return [g.tolist() for g in torch.tensor_split(torch.arange(n_fits), math.ceil(n_fits / per))]
 
-        Each fit's basis vectors are written, as rows, into one preallocated (F r, P) matrix as they
-        come (a contiguous block per fit: one copy, and the bases are never held twice, which a
-        concatenation at the end would do); ``eigenvectors`` is its (P, F r) transpose, a view.
+    def _fit(self) -> None:
+        """Eigenpairs of each fit's subsample (:meth:`_fit_one`), merged into spans (:meth:`span_groups`,
+        :func:`merge_span`) as they come; the spans' inverses are averaged.
+
+        Each span's basis vectors are written, as rows, into one preallocated (S r, P) matrix as they
+        come (a contiguous block per span: one copy, and only the span being merged is held besides);
+        ``eigenvectors`` is its (P, S r) transpose, a view. Each fit's kernel-route factor
+        (:meth:`basis_products`) is mapped onto its span's basis (``coef @ W``, ``U_span = sum_f U_f W_f``).
         """
         subsamples = self.subsamples()
-        evals, rows, used, self.factors = [], None, 0, []
-        for f, idx in enumerate(subsamples):
-            e, u, factor = self._fit_one(idx, torch.Generator().manual_seed(self.settings.seed + f))
-            self.factors.append(factor)
-            if rows is None:  # room for as many vectors per fit as the first kept
-                rows = u.new_empty(len(subsamples) * max(u.shape[0], 1), u.shape[1])
-            if used + u.shape[0] > rows.shape[0]:  # a later fit kept more (fewer zero eigenvalues): grow
-                rows = torch.cat([rows[:used], u.new_empty((len(subsamples) - f) * u.shape[0], u.shape[1])])
-            rows[used : used + u.shape[0]] = u
-            used += u.shape[0]
-            evals.append(e)
-            del u
-        self.n_fits = len(subsamples)
-        self.eigenvalues = torch.cat(evals)  # (F r,)
+        groups = self.span_groups(len(subsamples), len(subsamples[0]))
+        evals, rows, used, factors, self.factor_spans = [], None, 0, [], []
+        for g, group in enumerate(groups):
+            basis = lam = None
+            mixes = []  # per fit of the span: its basis's coefficients in the span's (r_f, k), float64
+            for f in group:
+                e, u, factor = self._fit_one(subsamples[f], torch.Generator().manual_seed(self.settings.seed + f))
+                if basis is None:
+                    basis, lam = u, e.double() / len(group)
+                    mixes.append(None)  # the identity
+                else:
+                    k = basis.shape[0]
+                    basis, lam, mix = merge_span(basis, lam, u, e.double() / len(group), self.settings.rank)
+                    mixes = [mix[:k] if m is None else m @ mix[:k] for m in mixes] + [mix[k:]]
+                factors.append(factor)
+                self.factor_spans.append(g)
+                del u
+            for fac, mix in zip(factors[len(factors) - len(group) :], mixes, strict=True):  # each fit's factor onto the span
+                if fac is not None and mix is not None:
+                    fac["coef"] = (fac["coef"].double() @ mix).to(fac["coef"].dtype)
+            if rows is None:  # room for as many vectors per span as the first kept
+                rows = basis.new_empty(len(groups) * max(basis.shape[0], 1), basis.shape[1])
+            if used + basis.shape[0] > rows.shape[0]:  # a later span kept more (fewer zero eigenvalues): grow
+                rows = torch.cat([rows[:used], basis.new_empty((len(groups) - g) * basis.shape[0], basis.shape[1])])
+            rows[used : used + basis.shape[0]] = basis
+            used += basis.shape[0]
+            evals.append(lam.to(self.dtype))
+            del basis
+        self.n_fits = len(groups)  # the inverses averaged: one per span
+        self.eigenvalues = torch.cat(evals)  # (S r,)
         rows = rows if used == rows.shape[0] else rows[:used].clone()
-        self.eigenvectors = rows.T  # (P, F r), orthonormal within each fit; rows (F r, P) contiguous underneath
-        self.factors = self.factors if all(f is not None for f in self.factors) else None
+        self.eigenvectors = rows.T  # (P, S r), orthonormal within each span; rows (S r, P) contiguous underneath
+        self.factors = factors if all(f is not None for f in factors) else None
         self.widths = [len(e) for e in evals]
         self._row_basis = None
         if self.settings.rest == "ekfac":
@@ -272,8 +303,9 @@ class FastSolver(InverseHVP):
                 for name, (kind, *ts) in chunks[0].items()}
 
     def fits(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Each fit's basis and eigenvalues, ``[(U_f (P, r_f), e_f (r_f,)), ...]``: views of ``eigenvectors`` and
-        ``eigenvalues``, whose columns are the fits' side by side (``widths`` of them each)."""
+        """Each span's basis and eigenvalues, ``[(U_f (P, r_f), e_f (r_f,)), ...]`` (one span per fit unless
+        ``span_images`` merges them): views of ``eigenvectors`` and ``eigenvalues``, whose columns are the spans'
+        side by side (``widths`` of them each)."""
         out, start = [], 0
         for width in self.widths:
             out.append((self.eigenvectors[:, start : start + width], self.eigenvalues[start : start + width]))
@@ -281,7 +313,8 @@ class FastSolver(InverseHVP):
         return out
 
     def _weights(self) -> torch.Tensor:
-        """Per basis column: ``(1/(e + d) - 1/d) / n_fits``, the average inverse's correction to ``I/d``."""
+        """Per basis column: ``(1/(e + d) - 1/d) / n_fits`` (``n_fits``: the spans averaged), the average inverse's
+        correction to ``I/d``."""
         d = self.total_damping
         if d <= 0:
             raise ValueError("the fast solver needs weight_decay + damping > 0 (the rest of the spectrum is treated as 0)")
@@ -302,7 +335,7 @@ class FastSolver(InverseHVP):
         return self.quadratic_form_from_products(v @ self.eigenvectors, (v * v).sum(1))
 
     def _rest(self):
-        """The EK-FAC solver at this solver's damping and, per fit, the Cholesky factor of ``U_f^T A^{-1} U_f`` (float64)."""
+        """The EK-FAC solver at this solver's damping and, per span, the Cholesky factor of ``U_f^T A^{-1} U_f`` (float64)."""
         rest = self.rest_solver
         if rest.settings.damping != self.settings.damping or self._rest_m is None:  # again after a damping change
             rest.settings.damping = self.settings.damping
@@ -389,9 +422,11 @@ class FastSolver(InverseHVP):
         sqnorms = sum((t[0] * t[0]).sum(1) * (t[1] * t[1]).sum(1) if kind == "outer" else (t[0] * t[0]).sum(1)
                       for kind, *t in parts.values())
         dots = torch.cat(rows, dim=1) @ self._row_basis if rows else x.new_zeros(len(x), self.eigenvectors.shape[1])
-        start = 0
-        for factor in self.factors:
-            width = factor["coef"].shape[1]
+        starts = [0]
+        for width in self.widths:
+            starts.append(starts[-1] + width)
+        for factor, span in zip(self.factors, self.factor_spans, strict=True):  # each fit's kernel, into its span's columns
+            start, width = starts[span], factor["coef"].shape[1]
             kernel = None
             for name, g_fit in factor["g"].items():
                 _, g, a = parts[name]
@@ -400,7 +435,6 @@ class FastSolver(InverseHVP):
                 kernel = term if kernel is None else kernel + term  # (B, m C)
             if kernel is not None:
                 dots[:, start : start + width] += kernel @ factor["coef"]
-            start += width
         return dots, sqnorms
 
     def state_dict(self) -> dict:
@@ -408,7 +442,15 @@ class FastSolver(InverseHVP):
                  "widths": torch.tensor(self.widths)}
         if self._uses_rest():
             state["rest"] = self.rest_solver.state_dict()
-        return state if self.factors is None else {**state, "factors": self.factors}
+        return state if self.factors is None else {**state, "factors": self.factors, "factor_spans": torch.tensor(self.factor_spans)}
+
+    def describe(self) -> dict:
+        """Name and settings; ``span_images`` only where it merges fits: at 0 the solver is the one before the
+        setting existed, whose cache entries and results keep their keys."""
+        out = super().describe()
+        if out["span_images"] == 0:
+            del out["span_images"]
+        return out
 
     def load_state_dict(self, state: dict) -> None:
         self.eigenvalues = state["eigenvalues"].to(self.device, self.dtype)
@@ -418,6 +460,8 @@ class FastSolver(InverseHVP):
                          "g": {k: v.to(self.device, self.dtype) for k, v in f["g"].items()},
                          "a": {k: v.to(self.device, self.dtype) for k, v in f["a"].items()}}
                         for f in state.get("factors") or []] or None  # None: an entry from before factors were kept
+        spans = state.get("factor_spans")  # absent in entries from before spans were merged: one fit per span
+        self.factor_spans = spans.tolist() if spans is not None else list(range(len(self.factors or [])))
         widths = state.get("widths")  # absent in entries from before they were kept: equal widths
         self.widths = widths.tolist() if widths is not None else [len(self.eigenvalues) // self.n_fits] * self.n_fits
         self._row_basis = None
@@ -426,82 +470,3 @@ class FastSolver(InverseHVP):
             if "rest" not in state:
                 raise ValueError("this fast-solver state has no EK-FAC factors (rest='ekfac'); fit it again")
             self._fit_rest(state["rest"])
-
-
-
-def _gram_rows(parts: dict, mine: torch.Tensor, first: int = 0) -> torch.Tensor:
-    """Rows ``mine`` (sample positions, all their classes) of the factor's Gram matrix, unscaled, in the
-    columns of samples ``first`` on: (|mine| C, (m - first) C)."""
-    out = None
-    for kind, *t in parts.values():
-        if kind == "outer":
-            g, a = t  # (m, C, out), (m, in)
-            n_classes = g.shape[1]
-            gg = g[mine].reshape(-1, g.shape[-1]) @ g[first:].reshape(-1, g.shape[-1]).T  # (|mine| C, (m - first) C)
-            term = gg * (a[mine] @ a[first:].T).repeat_interleave(n_classes, 0).repeat_interleave(n_classes, 1)
-        else:
-            r = t[0].reshape(t[0].shape[0], -1, t[0].shape[-1])  # (m, C, k)
-            term = r[mine].reshape(-1, r.shape[-1]) @ r[first:].reshape(-1, r.shape[-1]).T
-        out = term if out is None else out + term
-    return out
-
-
-def _mirror_upper_blocks(gram: torch.Tensor, block: int) -> None:
-    """Fill, in place, the blocks below the diagonal blocks of size ``block`` from those above (only those were computed)."""
-    for r0 in range(0, len(gram), block):
-        r1 = r0 + block
-        gram[r1:, r0:r1] = gram[r0:r1, r1:].T
-
-
-def _basis(parts: dict, coef: torch.Tensor, mine: torch.Tensor) -> torch.Tensor:
-    """``coef^T rows`` (r, P): the basis vectors as rows, summed over the factor rows of the samples ``mine``
-    only (the rest is other ranks').
-
-    A Linear weight's rows ``g[i, c] a[i]^T`` share their input across the classes, so its block is
-    ``sum_i (sum_c coef[ic] g[i, c]) a[i]^T``: the classes are summed before the outer products
-    (C times fewer multiply-adds than summing the C rows of each sample one by one). Each block is
-    written straight into its columns of the result, which is laid out as the products come (basis
-    vectors as rows), so nothing is transposed or concatenated.
-    """
-    n_classes = next(iter(parts.values()))[1].shape[1]
-    rows = (mine[:, None] * n_classes + torch.arange(n_classes, device=mine.device)).reshape(-1)
-    coef = coef[rows]  # (|mine| C, r)
-    widths = [t[0].shape[-1] * t[1].shape[-1] if kind == "outer" else t[0].shape[-1] for kind, *t in parts.values()]
-    out = coef.new_empty(coef.shape[1], sum(widths))
-    start = 0
-    for (kind, *t), width in zip(parts.values(), widths, strict=True):
-        block = out[:, start : start + width]
-        start += width
-        if kind == "outer":
-            g, a = t  # (m, C, out), (m, in)
-            g, a = g[mine], a[mine]  # (M, C, out), (M, in)
-            per_sample = coef.reshape(len(mine), n_classes, coef.shape[1])  # (M, C, r)
-            for k0 in range(0, coef.shape[1], 64):
-                h = torch.einsum("mco,mck->kom", g, per_sample[:, :, k0 : k0 + 64])  # (k, out, M): classes summed
-                block[k0 : k0 + h.shape[0]] = (h @ a).reshape(h.shape[0], -1)  # (k, out*in)
-        else:
-            r = t[0][mine]
-            block.copy_(coef.T @ r.reshape(-1, r.shape[-1]))  # (r, numel)
-    return out
-
-
-def top_eigh(matrix: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 20, iters: int = 4):
-    """Top ``rank`` eigenpairs (descending, eigenvalues clamped at 0) of a symmetric PSD matrix (N, N).
-
-    A full ``eigh`` when ``rank`` is more than a third of N or ``iters`` is 0; else randomized subspace iteration
-    (Halko, Martinsson & Tropp 2011, Alg. 4.4 with a Rayleigh-Ritz step): ``iters`` products
-    with an (N, rank + oversample) block, seeded. Eigh of a 5,000 x 5,000 Gram takes ~80 s on
-    one busy core here; this ~7 s.
-    """
-    n = len(matrix)
-    k = min(n, rank + oversample)
-    if 3 * rank >= n or iters == 0:
-        evals, evecs = torch.linalg.eigh(matrix)
-        keep = min(rank, n)
-        return evals.flip(0)[:keep].clamp_min(0), evecs.flip(1)[:, :keep]
-    q = torch.randn(n, k, generator=generator, dtype=torch.float64).to(matrix)
-    for _ in range(iters):
-        q, _ = torch.linalg.qr(matrix @ q)
-    evals, w = torch.linalg.eigh(q.T @ matrix @ q)
-    evals, evecs = evals.flip(0)[:rank].clamp_min(0), (q @ w).flip(1)[:, :rank]
-    return evals, evecs
