@@ -221,10 +221,8 @@ def applications_slide(inputs, config):
         "Perturbation stress tests: are the rankings stable under small changes of the test image "
         "or of the training run (seed, data order)?",
         "Closer to retraining: ensembles of trained models lift the LDS.",
-        "Curvature both stable across seeds and exact: merging the fits into larger spans gets both, at "
-        "four times the fits; make that cheap enough to be the default.",
-        "Larger models (ResNets) and other solvers (Arnoldi) on the same benchmarks.",
-        "Scaling out: gradients on the GPU and across machines, scores for the whole test set.",
+        "Stable and exact at once: merged spans get both at 4x the fits; make them cheap.",
+        "Larger models (ResNets), other solvers (Arnoldi); the GPU and many machines for the whole test set.",
     ], fontsize=BODY_PT - 2, top=0.84, left=0.07, gap=0.45)
     return title, fig
 
