@@ -69,11 +69,10 @@ def main(argv=None):
     wd = float(meta["recipe"]["weight_decay"])
     x, y = data.test.tensors(torch.arange(args.n_test))
     settings = json.loads(args.settings) if args.settings else None
-    runs = {json.dumps(over): [] for over in settings or [{}]}
+    runs = [(over, []) for over in settings or [{}]]
     for r in range(args.repeats):
         _, ekfac_s = _timed(lambda: make_solver("ekfac").fit(model, data.train, weight_decay=wd))
-        for key, rows in runs.items():
-            over = json.loads(key)
+        for over, rows in runs:
             hybrid, hybrid_s = _timed(lambda o=over: make_solver("fast", **o).fit(model, data.train, weight_decay=wd))
             _, first_s = _timed(lambda h=hybrid: s_test(model, x, y, h))
             _, again_s = _timed(lambda h=hybrid: s_test(model, x, y, h))
@@ -81,11 +80,11 @@ def main(argv=None):
                          "first_s_test_s": first_s, "s_test_s": again_s, "compression_s": first_s - again_s,
                          "total_s": hybrid_s + first_s})
             del hybrid
-            print(f"repeat {r + 1}/{args.repeats} {key}: {json.dumps({k: round(v, 1) for k, v in rows[-1].items()})}", flush=True)
+            print(f"repeat {r + 1}/{args.repeats} {json.dumps(over)}: {json.dumps({k: round(v, 1) for k, v in rows[-1].items()})}", flush=True)
     common = {"threads": args.threads, "n_test": args.n_test, "n_train": len(data.train), "data_source": data.source,
               "checkpoint_sha256": file_sha256(ROOT / "data/cifar_net.pt")[:16], **idle}
-    profiles = [{"solver": make_solver("fast", **json.loads(key)).describe(),
-                 "timings": {k: hygiene.summarize([run[k] for run in rows]) for k in rows[0]}} for key, rows in runs.items()]
+    profiles = [{"solver": make_solver("fast", **over).describe(),
+                 "timings": {k: hygiene.summarize([run[k] for run in rows]) for k in rows[0]}} for over, rows in runs]
     if settings is None:  # the default alone: the file's original layout
         out = {"command": f"python bench/hybrid_profile.py --repeats {args.repeats} --threads {args.threads}", **common,
                **profiles[0]}

@@ -75,11 +75,12 @@ def grouped(fits: list, groups: int, rank: int) -> list[tuple[torch.Tensor, torc
 
 
 def set_spans(solver: FastSolver, spans: list[tuple[torch.Tensor, torch.Tensor]]) -> FastSolver:
-    """The hybrid ``solver`` averaging one inverse per span: its bases, eigenvalues and widths replaced (in place)."""
-    solver.eigenvectors = torch.cat([q for q, _ in spans], 1).contiguous()
-    solver.eigenvalues = torch.cat([lam for _, lam in spans]).to(solver.dtype)
-    solver.widths, solver.n_fits = [q.shape[1] for q, _ in spans], len(spans)
-    solver._rest_m, solver.factors, solver._row_basis = None, None, None  # the compression again; no kernel route
+    """The hybrid ``solver`` averaging one inverse per span: its state loaded with these bases, eigenvalues and
+    widths (in place), its EK-FAC rest kept; no factors, so no kernel route."""
+    state = {"eigenvectors": torch.cat([q for q, _ in spans], 1), "eigenvalues": torch.cat([lam for _, lam in spans]),
+             "n_fits": torch.tensor(len(spans)), "widths": torch.tensor([q.shape[1] for q, _ in spans])}
+    rest = solver.state_dict().get("rest")
+    solver.load_state_dict(state if rest is None else {**state, "rest": rest})
     return solver
 
 
