@@ -13,7 +13,11 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 if [ ! -f .venv/.installed ] || [ requirements.txt -nt .venv/.installed ]; then
+  # No wheel cache, and torch (about 5.5 GB with its CUDA libraries) in a call of its own: a CI
+  # machine once ran out of disk in the middle of this install.
+  export PIP_NO_CACHE_DIR=1
   python -m pip install -q --upgrade pip
+  python -m pip install -q $(grep -E '^torch(vision)?==' requirements.txt)
   python -m pip install -q -r requirements.txt
   python -m pip install -q --no-deps --no-build-isolation -e .  # the package, importable from anywhere
   python -m ipykernel install --sys-prefix --name python3 >/dev/null
